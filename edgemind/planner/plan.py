@@ -1,0 +1,159 @@
+"""The data the planner consumes and produces: cost tables in, a ``Plan`` out.
+
+A plan is the proof: every buffer with its arena offset and lifetime, every step with
+the live bytes after it, the peak against the capacity, and the verdict. Plans are
+plain frozen values; :mod:`edgemind.planner.planfile` writes them to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+# Buffer roles. "working_set" buffers are allocated by XLA, not placed in the arena:
+# their offset is None, but they count against the capacity while alive.
+Role = Literal["weights", "prefetch", "pinned", "activation", "working_set"]
+ROLES: tuple[str, ...] = ("weights", "prefetch", "pinned", "activation", "working_set")
+Status = Literal["feasible", "early_exit", "infeasible"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitCost:
+    """What one layer or exit head costs for one concrete request shape."""
+
+    name: str
+    kind: str
+    tensors: tuple[tuple[str, int], ...]  # (tensor name, bytes this request loads)
+    output_bytes: int  # the output activation the unit produces
+    working_set_bytes: int  # XLA outputs + temporaries - aliases of one call
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(n for _, n in self.tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitCost:
+    """One exit level: after which layer, and the head run there (None: the layer's output)."""
+
+    level: int  # 1-based, deepest last; the last one is the complete run
+    after_layer: int  # index into CostTable.layers
+    head: UnitCost | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CostTable:
+    """Per-unit costs of a model for one input shape: the planner's only model input."""
+
+    model_name: str
+    input_shape: tuple[int, ...]
+    input_bytes: int  # the chain's input activation (the model's first input)
+    layers: tuple[UnitCost, ...]
+    exits: tuple[ExitCost, ...]
+    context_bytes: int = 0  # the other inputs (an attention mask...), alive all request
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.exits)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lies inside its weights buffer."""
+
+    name: str
+    offset_bytes: int  # from the buffer's start, aligned
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One reservation: in the arena (offset set) or in XLA's pool (offset None)."""
+
+    id: int
+    role: Role
+    layer: str  # the unit whose weights/output/working set this is ("input" for the input)
+    nbytes: int  # rounded up to the alignment
+    offset_bytes: int | None
+    first_step: int  # alive from the start of this step...
+    last_step: int  # ...to the end of this one, inclusive
+    tensors: tuple[TensorSlot, ...] = ()
+
+    @property
+    def end_bytes(self) -> int:
+        return (self.offset_bytes or 0) + self.nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a request: a load with nothing to overlap, or a unit's run."""
+
+    index: int
+    action: Literal["load", "run"]
+    layer: str
+    loads: tuple[int, ...]  # weight buffers whose reading starts at this step
+    weights: int | None  # buffer the run reads its weights from
+    input: int | None  # activation buffer the run reads
+    output: int | None  # activation buffer the run's result is copied into
+    working_set: int | None  # the XLA buffer of this run
+    frees: tuple[int, ...]  # buffers whose life ends with this step
+    arena_live_bytes: int  # arena bytes alive during the step
+    working_set_bytes: int  # XLA bytes alive during the step
+
+    @property
+    def live_bytes(self) -> int:
+        return self.arena_live_bytes + self.working_set_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Witness:
+    """Why a plan does not fit: the step that overflows and what is alive there."""
+
+    step: int
+    layer: str
+    buffers: tuple[int, ...]
+    missing_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A residency schedule for one request shape, and its verdict against the capacity."""
+
+    model_name: str
+    input_shape: tuple[int, ...]
+    capacity_bytes: int
+    alignment_bytes: int
+    status: Status
+    exit_level: int | None  # the level this plan runs to; None when infeasible
+    num_levels: int
+    units: tuple[str, ...]  # the units run, in order
+    buffers: tuple[Buffer, ...]
+    steps: tuple[Step, ...]
+    arena_bytes: int  # extent of the placed buffers: the arena allocated
+    peak_bytes: int  # arena_bytes + the largest working set: the bound on model memory
+    lower_bound_bytes: int  # largest live total at any step: no placement does better
+    naive_bytes: int  # one slot per buffer, no reuse, + largest working set
+    streamed_bytes: int  # weight bytes read from disk per request (pinned excluded)
+    unpinned_streamed_bytes: int  # the same with nothing pinned
+    pinned_layers: tuple[str, ...]
+    prefetch_depth: int  # effective, after any reduction
+    min_capacity_bytes: int | None  # smallest feasible capacity for the complete run
+    witness: Witness | None  # why the complete run does not fit, when it does not
+    notes: tuple[str, ...] = ()
+    manifest_digest: str = ""
+    policy_digest: str = ""
+
+    @property
+    def feasible(self) -> bool:
+        return self.status != "infeasible"
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "feasible"
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.capacity_bytes - self.peak_bytes
+
+    def buffer(self, buffer_id: int) -> Buffer:
+        return self.buffers[buffer_id]

@@ -1,0 +1,195 @@
+"""The run policy: arena capacity, residency, what to do when a request does not fit.
+
+Read from ``policy.yaml``; ``EDGE_MODEL_ARENA_MB`` overrides the capacity and explicit
+overrides (CLI flags) override both. Capacities in MB mean MiB (2**20 bytes).
+
+>>> policy = load_policy(None, env={})
+>>> policy.arena_capacity_bytes
+52428800
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from edgemind.errors import PolicyError
+from edgemind.units import MIB, format_bytes, mib_to_bytes
+
+ENV_ARENA_MB = "EDGE_MODEL_ARENA_MB"
+QUOTA_ACTIONS = ("early_exit", "reject_request")
+Residency = int | Literal["auto"]
+
+# The valid keys of policy.yaml, section by section, with the field each one sets.
+_SCHEMA: dict[str, dict[str, str]] = {
+    "model": {
+        "arena_capacity_mb": "arena_capacity_bytes",
+        "keep_resident_layers": "keep_resident_layers",
+        "prefetch_depth": "prefetch_depth",
+        "alignment_bytes": "alignment_bytes",
+        "verify_checksums": "verify_checksums",
+    },
+    "scheduler": {"on_memory_quota_exceeded": "on_memory_quota_exceeded"},
+    "metrics": {"enable_http": "metrics_enable_http", "http_addr": "metrics_http_addr"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How a model is run: the budget, the residency, and the quota action.
+
+    ``keep_resident_layers`` caps how many layers' weights are in the arena at once,
+    prefetch staging aside: the running layer plus ``n - 1`` layers pinned across
+    requests; ``"auto"`` pins as many as the spare capacity holds.
+    """
+
+    arena_capacity_bytes: int = 50 * MIB
+    keep_resident_layers: Residency = 1
+    prefetch_depth: int = 1
+    alignment_bytes: int = 64
+    verify_checksums: bool = False
+    on_memory_quota_exceeded: Literal["early_exit", "reject_request"] = "early_exit"
+    metrics_enable_http: bool = False
+    metrics_http_addr: str = "127.0.0.1:9090"
+
+    def __post_init__(self) -> None:
+        _check_int("model.arena_capacity_mb", self.arena_capacity_bytes, minimum=1)
+        if self.keep_resident_layers != "auto":
+            _check_int("model.keep_resident_layers", self.keep_resident_layers, minimum=1)
+        _check_int("model.prefetch_depth", self.prefetch_depth, minimum=0)
+        _check_int("model.alignment_bytes", self.alignment_bytes, minimum=64)
+        if self.alignment_bytes & (self.alignment_bytes - 1):
+            raise PolicyError(
+                f"model.alignment_bytes: expected a power of two >= 64, got {self.alignment_bytes}"
+            )
+        for key, value in (
+            ("model.verify_checksums", self.verify_checksums),
+            ("metrics.enable_http", self.metrics_enable_http),
+        ):
+            if not isinstance(value, bool):
+                raise PolicyError(f"{key}: expected true or false, got {value!r}")
+        if self.on_memory_quota_exceeded not in QUOTA_ACTIONS:
+            raise PolicyError(
+                "scheduler.on_memory_quota_exceeded: expected one of "
+                f"{', '.join(QUOTA_ACTIONS)}, got {self.on_memory_quota_exceeded!r}"
+            )
+        if not isinstance(self.metrics_http_addr, str) or not self.metrics_http_addr:
+            raise PolicyError(
+                f"metrics.http_addr: expected 'host:port', got {self.metrics_http_addr!r}"
+            )
+
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain JSON-able values."""
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of everything that affects a plan (not the metrics settings)."""
+        planning = {k: v for k, v in self.to_dict().items() if not k.startswith("metrics_")}
+        blob = json.dumps(planning, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """One line for humans."""
+        return (
+            f"arena {format_bytes(self.arena_capacity_bytes)}, "
+            f"keep_resident_layers={self.keep_resident_layers}, "
+            f"prefetch_depth={self.prefetch_depth}, on quota: {self.on_memory_quota_exceeded}"
+        )
+
+
+def _check_int(key: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PolicyError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _capacity_from_mb(where: str, value: object) -> int:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise PolicyError(
+                f"{where}: expected a positive number of MiB, got {value!r}"
+            ) from None
+    try:
+        return mib_to_bytes(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise PolicyError(f"{where}: expected a positive number of MiB, got {value!r}") from None
+
+
+def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in _SCHEMA:
+            raise PolicyError(
+                f"{source}: unknown section {section!r}; valid sections: {', '.join(_SCHEMA)}"
+            )
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise PolicyError(f"{source}: section {section!r} must be a mapping of keys")
+        for key, value in body.items():
+            if key not in _SCHEMA[section]:
+                valid = ", ".join(f"{section}.{k}" for k in _SCHEMA[section])
+                raise PolicyError(
+                    f"{source}: unknown key {section}.{key!s}; valid keys: {valid}"
+                )
+            field = _SCHEMA[section][key]
+            if field == "arena_capacity_bytes":
+                value = _capacity_from_mb(f"{source}: {section}.{key}", value)
+            fields[field] = value
+    return fields
+
+
+def load_policy(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Policy:
+    """Build a policy from a YAML file (optional), the environment, then overrides.
+
+    ``overrides`` are field names of :class:`Policy` (``arena_capacity_bytes=...``);
+    ``None`` values are ignored so CLI flags can be passed straight through.
+    """
+    env = os.environ if env is None else env
+    fields: dict[str, Any] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise PolicyError(f"{source}: cannot read policy file ({exc.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise PolicyError(f"{source}: not valid YAML{where}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"{source}: expected a mapping with sections {', '.join(_SCHEMA)}")
+        fields.update(_fields_from_yaml(data, source))
+    if env.get(ENV_ARENA_MB, "").strip():
+        fields["arena_capacity_bytes"] = _capacity_from_mb(ENV_ARENA_MB, env[ENV_ARENA_MB])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in {f.name for f in dataclasses.fields(Policy)}:
+            raise PolicyError(f"unknown policy field {key!r}")
+        fields[key] = value
+    try:
+        return Policy(**fields)
+    except TypeError as exc:  # pragma: no cover - guarded by the schema above
+        raise PolicyError(str(exc)) from None

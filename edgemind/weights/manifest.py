@@ -1,0 +1,310 @@
+"""The model manifest: what a model directory holds, layer by layer.
+
+``manifest.json`` names the format and version, the model, its input signature, and
+its layers in execution order, each with its tensors (dtype, shape, bytes, file,
+aligned payload offset, checksum) and the exit head that follows it, if any.
+Everything is validated when a manifest is built, so later stages can trust it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from edgemind.errors import ModelFormatError
+
+MANIFEST_NAME = "manifest.json"
+MODEL_FORMAT = "edgemind-model"
+MODEL_FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8")
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a manifest dtype name."""
+    if dtype == "bfloat16":
+        return 2
+    return int(np.dtype(dtype).itemsize)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a layer, and where its payload lies in the layer's weight file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    offset_bytes: int  # payload start inside the layer's file, aligned
+    crc32: str  # 8 lowercase hex digits, zlib.crc32 of the payload
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "offset": self.offset_bytes,
+            "crc32": self.crc32,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer (or exit head): its kind, static config, file and tensors."""
+
+    name: str
+    kind: str
+    config: Mapping[str, Any]
+    file: str  # relative to the model directory, POSIX separators
+    tensors: tuple[TensorSpec, ...]
+    exit_head: LayerSpec | None = None  # the head that may end the run after this layer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all this layer's tensor payloads (its exit head excluded)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise ModelFormatError(f"layer {self.name!r} has no tensor {name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "config": dict(self.config),
+            "file": self.file,
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+        if self.exit_head is not None:
+            out["exit_head"] = self.exit_head.to_json()
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One model input: dtype and shape, dynamic dims named (``"batch"``, ``"seq"``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape with named dims filled from ``dims``; a missing name is an error."""
+        shape = []
+        for d in self.shape:
+            if isinstance(d, str):
+                if d not in dims:
+                    raise ModelFormatError(
+                        f"input {self.name!r} has dynamic dim {d!r}; give its size (e.g. --{d})"
+                    )
+                shape.append(int(dims[d]))
+            else:
+                shape.append(d)
+        return tuple(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A whole model directory's description. Build it with :func:`load_manifest`."""
+
+    model_name: str
+    alignment_bytes: int
+    inputs: tuple[InputSpec, ...]
+    layers: tuple[LayerSpec, ...]
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    format_version: int = MODEL_FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        """All weight bytes, exit heads included."""
+        heads = sum(layer.exit_head.nbytes for layer in self.layers if layer.exit_head)
+        return sum(layer.nbytes for layer in self.layers) + heads
+
+    def exit_levels(self) -> tuple[tuple[int, int], ...]:
+        """``(level, layer_index)`` for every exit, 1-based, deepest last.
+
+        Each layer with an exit head is one level; the last layer's own output is the
+        final level when no head follows it. A run is complete at the final level.
+        """
+        levels = [i for i, layer in enumerate(self.layers) if layer.exit_head is not None]
+        if not levels or levels[-1] != len(self.layers) - 1:
+            levels.append(len(self.layers) - 1)
+        return tuple((n + 1, i) for n, i in enumerate(levels))
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.exit_levels())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": self.format_version,
+            "model_name": self.model_name,
+            "alignment_bytes": self.alignment_bytes,
+            "inputs": [i.to_json() for i in self.inputs],
+            "layers": [layer.to_json() for layer in self.layers],
+            "metadata": dict(self.metadata),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n"
+
+    def digest(self) -> str:
+        """A hash of the manifest's content (checksums included): plans pin it."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _req(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, Mapping) or key not in obj:
+        raise ModelFormatError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ModelFormatError(f"{where}: field {key!r} has the wrong type ({value!r})")
+    return value
+
+
+def check_relative_path(file: str, where: str) -> str:
+    """A weight file's name must stay inside the model directory."""
+    path = PurePosixPath(file)
+    if not file or path.is_absolute() or "\\" in file or ".." in path.parts or ":" in file:
+        raise ModelFormatError(
+            f"{where}: file {file!r} must be a relative path inside the model directory"
+        )
+    return file
+
+
+def _parse_tensor(obj: Any, where: str, alignment: int) -> TensorSpec:
+    name = _req(obj, "name", str, where)
+    where = f"{where}, tensor {name!r}"
+    dtype = _req(obj, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise ModelFormatError(f"{where}: unknown dtype {dtype!r}; expected one of {DTYPES}")
+    shape = tuple(_req(obj, "shape", list, where))
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ModelFormatError(f"{where}: shape {list(shape)} must be non-negative integers")
+    nbytes = _req(obj, "nbytes", int, where)
+    expected = math.prod(shape) * dtype_itemsize(dtype)
+    if nbytes != expected:
+        raise ModelFormatError(
+            f"{where}: nbytes {nbytes} disagrees with shape {list(shape)} of {dtype} "
+            f"({expected} bytes)"
+        )
+    offset = _req(obj, "offset", int, where)
+    if offset < 0 or offset % alignment:
+        raise ModelFormatError(f"{where}: payload offset {offset} is not {alignment}-aligned")
+    crc = _req(obj, "crc32", str, where)
+    if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
+        raise ModelFormatError(f"{where}: crc32 {crc!r} must be 8 lowercase hex digits")
+    return TensorSpec(name, dtype, shape, nbytes, offset, crc)  # type: ignore[arg-type]
+
+
+def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
+    name = _req(obj, "name", str, where)
+    where = f"{where} {name!r}"
+    kind = _req(obj, "kind", str, where)
+    config = _req(obj, "config", dict, where)
+    file = check_relative_path(_req(obj, "file", str, where), where)
+    tensors = tuple(_parse_tensor(t, where, alignment) for t in _req(obj, "tensors", list, where))
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ModelFormatError(f"{where}: duplicate tensor names in {names}")
+    head = obj.get("exit_head")
+    exit_head = None if head is None else _parse_layer(head, f"{where}, exit head", alignment)
+    return LayerSpec(name, kind, MappingProxyType(dict(config)), file, tensors, exit_head)
+
+
+def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a decoded ``manifest.json`` and build the :class:`Manifest`."""
+    if not isinstance(data, Mapping):
+        raise ModelFormatError(f"{where}: expected a JSON object")
+    fmt = data.get("format")
+    if fmt != MODEL_FORMAT:
+        raise ModelFormatError(f"{where}: format is {fmt!r}, expected {MODEL_FORMAT!r}")
+    version = data.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{where}: format_version is {version!r}, this edgemind reads version "
+            f"{MODEL_FORMAT_VERSION}; convert the model again or upgrade edgemind"
+        )
+    name = _req(data, "model_name", str, where)
+    alignment = _req(data, "alignment_bytes", int, where)
+    if alignment < 64 or alignment & (alignment - 1):
+        raise ModelFormatError(f"{where}: alignment_bytes {alignment} must be a power of two >= 64")
+    inputs = []
+    for i, obj in enumerate(_req(data, "inputs", list, where)):
+        iname = _req(obj, "name", str, f"{where}: input {i}")
+        dtype = _req(obj, "dtype", str, f"{where}: input {iname!r}")
+        shape = tuple(_req(obj, "shape", list, f"{where}: input {iname!r}"))
+        if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+            raise ModelFormatError(f"{where}: input {iname!r} shape must hold ints and names")
+        inputs.append(InputSpec(iname, dtype, shape))
+    layers = tuple(
+        _parse_layer(obj, f"{where}: layer", alignment)
+        for obj in _req(data, "layers", list, where)
+    )
+    if not layers or not inputs:
+        raise ModelFormatError(f"{where}: a model needs at least one input and one layer")
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ModelFormatError(f"{where}: duplicate layer names")
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, Mapping):
+        raise ModelFormatError(f"{where}: metadata must be an object")
+    return Manifest(
+        model_name=name,
+        alignment_bytes=alignment,
+        inputs=tuple(inputs),
+        layers=layers,
+        metadata=MappingProxyType(dict(metadata)),
+    )
+
+
+def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``MODEL_DIR/manifest.json``.
+
+    >>> load_manifest("no/such/dir")
+    Traceback (most recent call last):
+    ...
+    edgemind.errors.ModelFormatError: no/such/dir: model directory not found
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelFormatError(f"{model_dir}: model directory not found")
+    path = root / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot read manifest ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return manifest_from_json(data, str(path))
+
+
+def all_layer_specs(manifest: Manifest) -> Sequence[LayerSpec]:
+    """Every layer and exit head, in file order."""
+    out: list[LayerSpec] = []
+    for layer in manifest.layers:
+        out.append(layer)
+        if layer.exit_head is not None:
+            out.append(layer.exit_head)
+    return out
