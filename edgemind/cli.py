@@ -1,0 +1,277 @@
+"""The ``edgemind`` command: inspect, plan and run models from a terminal.
+
+Exit codes: 0 success (a complete run, a feasible plan); 1 a known error, reported
+on one line without a traceback; 2 bad usage; 3 the plan or run exits early;
+4 the request is infeasible and rejected. Only this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgemind.errors import EdgemindError, MemoryQuotaExceeded
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_EARLY_EXIT, EXIT_INFEASIBLE = 0, 1, 2, 3, 4
+
+
+def _residency(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 1 or 'auto', got {text!r}"
+        ) from None
+    return value
+
+
+def _policy_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("policy (flags override policy.yaml and the environment)")
+    group.add_argument("--policy", metavar="YAML", help="policy file (default: built-in defaults)")
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--arena-mb", type=float, metavar="MIB", help="arena capacity in MiB")
+    size.add_argument("--arena-bytes", type=int, metavar="N", help="arena capacity in bytes")
+    group.add_argument(
+        "--keep-resident",
+        type=_residency,
+        metavar="N|auto",
+        help="layers' weights resident at once (prefetch aside); auto pins spare",
+    )
+    group.add_argument("--prefetch-depth", type=int, metavar="N", help="staging slots (0: none)")
+    group.add_argument(
+        "--on-quota",
+        choices=("early_exit", "reject_request"),
+        help="what to do when the complete run does not fit",
+    )
+    group.add_argument("--batch", type=int, default=1, help="batch size to plan for (default 1)")
+    group.add_argument("--seq", type=int, help="sequence length, for models that have one")
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="edgemind",
+        description="Run neural networks under a hard memory budget by streaming weights.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 early exit, 4 infeasible/rejected",
+    )
+    parser.add_argument("--version", action="version", version=f"edgemind {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = sub.add_parser("inspect", help="list a model's layers, tensors and bytes")
+    inspect.add_argument("model_dir", metavar="MODEL_DIR")
+    inspect.add_argument("--verify", action="store_true", help="recompute every checksum")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    plan = sub.add_parser("plan", parents=[_policy_flags()], help="print the memory plan")
+    plan.add_argument("model_dir", metavar="MODEL_DIR")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.add_argument("--out", metavar="PLAN", help="write the plan file (plan.msgpack)")
+    plan.add_argument("--buffers", action="store_true", help="also list every buffer")
+
+    run = sub.add_parser("run", parents=[_policy_flags()], help="run a model on an input")
+    run.add_argument("model_dir", metavar="MODEL_DIR")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--input", metavar="X.npy", help="input array (.npy)")
+    source.add_argument("--random-input", action="store_true", help="a seeded random input")
+    run.add_argument("--seed", type=int, default=0, help="seed for --random-input")
+    run.add_argument("--output", metavar="OUT.npy", help="write the output array here")
+    run.add_argument("--plan", metavar="PLAN", help="use a plan file made by `edgemind plan`")
+    run.add_argument("--repeat", type=int, default=1, metavar="N", help="run N requests")
+    run.add_argument("--verify", action="store_true", help="check payload checksums as read")
+    run.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    return parser
+
+
+def _version() -> str:
+    from edgemind import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (never calls sys.exit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2)
+        return int(exc.code or 0)
+    commands = {"inspect": _cmd_inspect, "plan": _cmd_plan, "run": _cmd_run}
+    try:
+        return commands[args.command](args)
+    except MemoryQuotaExceeded as exc:
+        print(f"edgemind: rejected: {exc}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except EdgemindError as exc:
+        print(f"edgemind: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("edgemind: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    from edgemind.policy import load_policy
+
+    arena = args.arena_bytes
+    if args.arena_mb is not None:
+        from edgemind.errors import PolicyError
+        from edgemind.units import mib_to_bytes
+
+        try:
+            arena = mib_to_bytes(args.arena_mb)
+        except ValueError:
+            raise PolicyError(
+                f"--arena-mb: expected a positive number, got {args.arena_mb}"
+            ) from None
+    return load_policy(
+        args.policy,
+        overrides={
+            "arena_capacity_bytes": arena,
+            "keep_resident_layers": args.keep_resident,
+            "prefetch_depth": args.prefetch_depth,
+            "on_memory_quota_exceeded": args.on_quota,
+            "verify_checksums": True if getattr(args, "verify", False) else None,
+        },
+    )
+
+
+def _dims(args: argparse.Namespace) -> dict[str, int]:
+    from edgemind.errors import InputError
+
+    dims = {"batch": args.batch}
+    if args.seq is not None:
+        dims["seq"] = args.seq
+    for name, value in dims.items():
+        if value < 1:
+            raise InputError(f"--{name}: expected a positive integer, got {value}")
+    return dims
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from edgemind.cli_text import format_manifest, manifest_dict
+    from edgemind.weights.manifest import load_manifest
+    from edgemind.weights.reader import verify_model
+
+    manifest = load_manifest(args.model_dir)
+    if args.verify:
+        verify_model(args.model_dir, manifest)
+    if args.json:
+        print(json.dumps(manifest_dict(manifest, verified=args.verify), indent=1))
+    else:
+        print(format_manifest(manifest, verified=args.verify))
+    return EXIT_OK
+
+
+def _plan_exit(plan: Any) -> int:
+    return {"feasible": EXIT_OK, "early_exit": EXIT_EARLY_EXIT}.get(plan.status, EXIT_INFEASIBLE)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from edgemind.cli_text import format_plan, plan_dict
+    from edgemind.planner.planfile import save_plan
+    from edgemind.runtime import Runtime
+
+    runtime = Runtime.open(args.model_dir, _policy(args))
+    plan = runtime.plan(**_dims(args))
+    if args.out:
+        save_plan(plan, args.out)
+    if args.json:
+        print(json.dumps(plan_dict(plan), indent=1))
+    else:
+        print(format_plan(plan, runtime.policy, buffers=args.buffers))
+        if args.out:
+            print(f"plan written to {args.out}")
+    return _plan_exit(plan)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edgemind.cli_text import format_result, result_dict
+    from edgemind.errors import InputError
+    from edgemind.planner.planfile import check_plan_matches, load_plan
+    from edgemind.runtime import Runtime
+
+    if args.repeat < 1:
+        raise InputError(f"--repeat: expected a positive integer, got {args.repeat}")
+    runtime = Runtime.open(args.model_dir, _policy(args))
+    with runtime:
+        x = _load_input(runtime.manifest, args.input, args.seed, _dims(args))
+        if args.plan:
+            plan = load_plan(args.plan)
+            check_plan_matches(
+                plan, runtime.manifest.digest(), runtime.policy.digest(), tuple(x.shape)
+            )
+            runtime.use_plan(plan, **_dims(args))
+        result = None
+        for _ in range(args.repeat):
+            result = runtime.run(x)
+        assert result is not None
+        if args.output and result.output is not None:
+            _save_output(args.output, np.asarray(result.output))
+        if args.json:
+            print(json.dumps(result_dict(result), indent=1))
+        else:
+            print(format_result(result, runtime.plan(**_dims(args))))
+    return EXIT_OK if result.complete else EXIT_EARLY_EXIT
+
+
+def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> Any:
+    """The request input: a .npy file, or seeded random values of the planned shape."""
+    import numpy as np
+
+    from edgemind.errors import InputError
+
+    spec = manifest.inputs[0]
+    if path is None:
+        from edgemind.errors import ModelFormatError
+
+        try:
+            shape = spec.concrete_shape(dims)
+        except ModelFormatError as exc:
+            raise InputError(str(exc)) from None
+        rng = np.random.default_rng(seed)
+        if np.dtype(spec.dtype).kind in "iu":
+            return rng.integers(0, 100, size=shape).astype(spec.dtype)
+        return rng.standard_normal(shape).astype(spec.dtype)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--input {path}: cannot read a .npy array ({exc})") from None
+
+
+def _save_output(path: str, array: Any) -> None:
+    """Write ``array`` to ``path`` atomically: a temp file renamed into place."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from edgemind.errors import EdgemindError
+
+    target = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EdgemindError(f"--output {path}: cannot write ({exc.strerror})") from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Text and JSON renderings of manifests, plans and results, for the CLI to print.
+
+Pure functions from data to strings and dicts; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from edgemind.planner.plan import Plan
+from edgemind.policy import Policy
+from edgemind.runtime.report import Result
+from edgemind.units import format_bytes
+from edgemind.weights.manifest import Manifest
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for row in rows:
+        cells = [
+            c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)
+            for c, w in zip(row, widths, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+def manifest_dict(manifest: Manifest, *, verified: bool = False) -> dict[str, Any]:
+    """The manifest plus per-layer and total byte counts."""
+    out = manifest.to_json()
+    out["total_bytes"] = manifest.nbytes
+    out["levels"] = [
+        {"level": lv, "after_layer": manifest.layers[i].name} for lv, i in manifest.exit_levels()
+    ]
+    out["checksums_verified"] = verified
+    return out
+
+
+def format_manifest(manifest: Manifest, *, verified: bool = False) -> str:
+    """A table of layers (tensors, bytes, exit heads) and the totals."""
+    rows = []
+    levels = {i: lv for lv, i in manifest.exit_levels()}
+    for i, layer in enumerate(manifest.layers):
+        tensors = ", ".join(f"{t.name}{list(t.shape)}" for t in layer.tensors)
+        exit_note = f"exit {levels[i]}" if i in levels else ""
+        rows.append(
+            (str(i), layer.name, layer.kind, format_bytes(layer.nbytes), exit_note, tensors)
+        )
+        if layer.exit_head is not None:
+            head = layer.exit_head
+            rows.append(
+                (
+                    "",
+                    f"  {head.name}",
+                    head.kind,
+                    format_bytes(head.nbytes),
+                    "head",
+                    ", ".join(f"{t.name}{list(t.shape)}" for t in head.tensors),
+                )
+            )
+    inputs = ", ".join(f"{i.name} {i.dtype}{list(i.shape)}" for i in manifest.inputs)
+    lines = [
+        f"model {manifest.model_name} (format version {manifest.format_version}, "
+        f"payloads aligned to {manifest.alignment_bytes} bytes)",
+        f"inputs: {inputs}",
+        "",
+        _table(rows, ("#", "layer", "kind", "bytes", "exit", "tensors")),
+        "",
+        f"total: {len(manifest.layers)} layers, {manifest.num_levels} exit levels, "
+        f"{format_bytes(manifest.nbytes)} ({manifest.nbytes} bytes)",
+    ]
+    if verified:
+        lines.append("checksums: all payloads verified")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- plans
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """Everything the plan table shows, and more, as JSON-able values."""
+    out = dataclasses.asdict(plan)
+    peak_step = max(plan.steps, key=lambda s: s.live_bytes, default=None)
+    out["peak_step"] = None if peak_step is None else peak_step.index
+    out["headroom_bytes"] = plan.headroom_bytes
+    out["verdict"] = verdict_line(plan)
+    return out
+
+
+def verdict_line(plan: Plan) -> str:
+    """One line: fits, exits early, or does not fit (and what would)."""
+    need = plan.min_capacity_bytes
+    if plan.status == "feasible":
+        return (
+            f"FEASIBLE: peak {format_bytes(plan.peak_bytes)} within "
+            f"{format_bytes(plan.capacity_bytes)} "
+            f"(headroom {format_bytes(plan.headroom_bytes)})"
+        )
+    needs = f"; the complete run needs {format_bytes(need)} ({need} bytes)" if need else ""
+    if plan.status == "early_exit":
+        return (
+            f"EARLY EXIT at level {plan.exit_level} of {plan.num_levels}: peak "
+            f"{format_bytes(plan.peak_bytes)} within {format_bytes(plan.capacity_bytes)}"
+            f"{needs}"
+        )
+    w = plan.witness
+    short = f" short by {format_bytes(w.missing_bytes)} at step {w.step} ({w.layer})" if w else ""
+    return f"INFEASIBLE:{short} in {format_bytes(plan.capacity_bytes)}{needs}"
+
+
+def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = False) -> str:
+    """The step table, the peak against capacity and lower bound, and the verdict."""
+    peak_step = max(plan.steps, key=lambda s: s.live_bytes, default=None)
+    rows = []
+    for step in plan.steps:
+        loads = ", ".join(plan.buffers[b].layer for b in step.loads) or "-"
+        mark = "  <- peak" if step is peak_step else ""
+        rows.append(
+            (
+                str(step.index),
+                step.action,
+                step.layer,
+                loads,
+                format_bytes(step.arena_live_bytes),
+                format_bytes(step.working_set_bytes),
+                format_bytes(plan.capacity_bytes - step.live_bytes) + mark,
+            )
+        )
+    cap = plan.capacity_bytes
+    lines = [
+        f"plan for {plan.model_name}, input {list(plan.input_shape)}, arena capacity "
+        f"{format_bytes(cap)} ({cap} bytes)",
+    ]
+    if policy is not None:
+        lines.append(f"policy: {policy.describe()}")
+    lines += [
+        "",
+        _table(rows, ("step", "action", "layer", "reads", "arena live", "working set", "headroom")),
+        "",
+        f"peak        {format_bytes(plan.peak_bytes):>12}  (arena {format_bytes(plan.arena_bytes)}"
+        f" + largest XLA working set {format_bytes(plan.peak_bytes - plan.arena_bytes)})",
+        f"lower bound {format_bytes(plan.lower_bound_bytes):>12}  (peak is "
+        f"{_ratio(plan.peak_bytes, plan.lower_bound_bytes)} of it)",
+        f"naive       {format_bytes(plan.naive_bytes):>12}  (one slot per buffer; planning "
+        f"saves {format_bytes(max(0, plan.naive_bytes - plan.peak_bytes))})",
+        f"streamed    {format_bytes(plan.streamed_bytes):>12}  per request"
+        + (
+            f" ({format_bytes(plan.unpinned_streamed_bytes)} without pinning "
+            f"{len(plan.pinned_layers)} layers)"
+            if plan.pinned_layers
+            else ""
+        ),
+        f"prefetch depth {plan.prefetch_depth}; levels run: {plan.exit_level or '-'} of "
+        f"{plan.num_levels}",
+    ]
+    if peak_step is not None:
+        lines.append(
+            f"the peak is at step {peak_step.index} ({peak_step.action} {peak_step.layer})"
+        )
+    lines += [f"note: {n}" for n in plan.notes]
+    if buffers:
+        brows = [
+            (
+                str(b.id),
+                b.role,
+                b.layer,
+                format_bytes(b.nbytes),
+                "-" if b.offset_bytes is None else str(b.offset_bytes),
+                f"{b.first_step}..{b.last_step}",
+            )
+            for b in plan.buffers
+        ]
+        lines += ["", _table(brows, ("id", "role", "layer", "bytes", "offset", "steps"))]
+    lines += ["", verdict_line(plan)]
+    return "\n".join(lines)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.1%}" if b else "n/a"
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def result_dict(result: Result) -> dict[str, Any]:
+    """The run's outcome and report as JSON-able values."""
+    out = {"complete": result.complete, "exit_level": result.exit_level}
+    out["report"] = dataclasses.asdict(result.report)
+    if result.output is not None:
+        out["output_shape"] = list(result.output.shape)
+        out["output_dtype"] = str(result.output.dtype)
+    return out
+
+
+def format_result(result: Result, plan: Plan | None = None) -> str:
+    """The outcome line and the per-layer report."""
+    r = result.report
+    outcome = (
+        "complete" if result.complete else f"early exit at level {r.exit_level} of {r.num_levels}"
+    )
+    rows = [
+        (t.layer, f"{t.load_s * 1e3:.2f}", f"{t.compute_s * 1e3:.2f}", format_bytes(t.bytes_read))
+        for t in r.layers
+    ]
+    observed = "n/a" if r.observed_peak_bytes is None else format_bytes(r.observed_peak_bytes)
+    lines = [
+        f"{r.model_name}: {outcome}; output shape "
+        f"{None if result.output is None else list(result.output.shape)}",
+        "",
+        _table(rows, ("layer", "load ms", "compute ms", "read")),
+        "",
+        f"latency {r.latency_s * 1e3:.2f} ms; read {format_bytes(r.bytes_read)}",
+        f"planned peak {format_bytes(r.plan_peak_bytes)}; arena peak used "
+        f"{format_bytes(r.arena_peak_used_bytes)} of {format_bytes(r.arena_bytes)}; observed "
+        f"peak RSS above baseline {observed}; capacity {format_bytes(r.capacity_bytes)}",
+    ]
+    return "\n".join(lines)

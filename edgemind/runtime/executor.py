@@ -1,0 +1,284 @@
+"""The streaming executor: one request, step by step, exactly as planned.
+
+For each plan step it reserves the step's new buffers in the arena ledger, starts
+the step's weight reads (in a background thread when they are prefetches, so they
+overlap the running layer's compute), runs the unit's compiled function on
+zero-copy views of the arena, waits for it (JAX dispatch is asynchronous: a slot
+must not be reused before its reader is done), copies the output into its planned
+slot, and releases what the plan frees. Any error releases everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from edgemind.errors import EdgemindError, MemoryQuotaExceeded
+from edgemind.layers.registry import jitted
+from edgemind.planner.plan import Buffer, Plan
+from edgemind.runtime.arena import Arena
+from edgemind.runtime.report import LayerTiming, Result, RunReport
+from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
+from edgemind.weights.reader import read_rows_into, read_tensors_into
+
+Compiled = Callable[[Mapping[str, Any], Any, Mapping[str, Any]], jax.Array]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a manifest dtype name (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def gathered_tensors(spec: LayerSpec) -> tuple[str, ...]:
+    """Tensors of which a request reads only the rows its token ids select."""
+    return tuple(spec.config.get("gathered", ()))
+
+
+def tensor_request_shape(spec: LayerSpec, name: str, chain_shape: tuple[int, ...]) -> tuple:
+    """Shape of tensor ``name`` as a request holds it: gathered tables hold one row per id."""
+    tensor = spec.tensor(name)
+    if name in gathered_tensors(spec):
+        return (int(np.prod(chain_shape)), *tensor.shape[1:])
+    return tensor.shape
+
+
+class Executor:
+    """Runs requests of one plan in one arena; keeps pinned layers across requests."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        manifest: Manifest,
+        plan: Plan,
+        *,
+        verify: bool = False,
+        input_dtype: str | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        self.plan = plan
+        self.verify = verify
+        self._specs = {spec.name: spec for spec in all_layer_specs(manifest)}
+        self._input_dtype = numpy_dtype(input_dtype or manifest.inputs[0].dtype)
+        self._born: dict[int, list[Buffer]] = {}
+        for buf in plan.buffers:
+            if buf.offset_bytes is not None and buf.role != "pinned":
+                self._born.setdefault(buf.first_step, []).append(buf)
+        self._pinned = [b for b in plan.buffers if b.role == "pinned"]
+        self._pinned_loaded = False
+        self._fns: dict[str, Compiled] = {}
+        self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
+        self.arena: Arena | None = Arena(plan.arena_bytes)
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, buf: Buffer, ids: np.ndarray | None) -> tuple[float, int]:
+        """Read one unit's weights into its buffer; returns (seconds, bytes read)."""
+        assert self.arena is not None
+        start = time.perf_counter()
+        spec = self._specs[buf.layer]
+        gathered = gathered_tensors(spec)
+        dests = {}
+        nbytes = 0
+        for slot in buf.tensors:
+            view = self.arena.view((buf.offset_bytes or 0) + slot.offset_bytes, slot.nbytes)
+            if slot.name in gathered:
+                if ids is None:
+                    raise EdgemindError(f"layer {spec.name}: gathered tensor needs token ids")
+                nbytes += read_rows_into(self.model_dir, spec, slot.name, ids.ravel(), view)
+            else:
+                dests[slot.name] = view
+        if dests:
+            nbytes += read_tensors_into(self.model_dir, spec, dests, verify=self.verify)
+        return time.perf_counter() - start, nbytes
+
+    def _params(self, buf: Buffer, chain_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        assert self.arena is not None
+        spec = self._specs[buf.layer]
+        params = {}
+        for slot in buf.tensors:
+            tensor = spec.tensor(slot.name)
+            shape = tensor_request_shape(spec, slot.name, chain_shape)
+            view = self.arena.view((buf.offset_bytes or 0) + slot.offset_bytes, slot.nbytes)
+            params[slot.name] = view.view(numpy_dtype(tensor.dtype)).reshape(shape)
+        return params
+
+    def _load_pinned(self, ids: np.ndarray | None) -> dict[str, tuple[float, int]]:
+        """Reserve and read the pinned layers once; later requests find them resident."""
+        assert self.arena is not None
+        loads = {}
+        for buf in self._pinned:
+            self.arena.reserve(buf, 0)
+            loads[buf.layer] = self._load(buf, ids)
+        self._pinned_loaded = True
+        return loads
+
+    # ------------------------------------------------------------------ running
+
+    def _fn(self, spec: LayerSpec) -> Compiled:
+        fn = self._fns.get(spec.name)
+        if fn is None:
+            fn = self._fns[spec.name] = jitted(spec.kind, spec.config)
+        return fn
+
+    def run(self, x: np.ndarray, context: Mapping[str, np.ndarray]) -> Result:
+        """Execute the plan on ``x`` (already validated), returning output and report."""
+        if self.arena is None:
+            raise EdgemindError("this executor has been closed; open a new Runtime")
+        plan, arena = self.plan, self.arena
+        started = time.perf_counter()
+        arena.reset_peak()
+        ids = x if any(gathered_tensors(s) for s in self._specs.values()) else None
+        loads: dict[str, tuple[float, int]] = {}
+        if self._pinned and not self._pinned_loaded:
+            loads = self._load_pinned(ids)
+        pending: dict[int, Future[tuple[float, int]]] = {}
+        acts: dict[int, tuple[np.dtype, tuple[int, ...]]] = {}
+        ctx: dict[str, np.ndarray] = {}
+        compute: dict[str, float] = {}
+        usage: list[int] = []
+        ends: list[float] = []
+        output: np.ndarray | None = None
+        try:
+            for step in plan.steps:
+                for buf in self._born.get(step.index, ()):
+                    arena.reserve(buf, step.index)
+                if step.index == 0:
+                    ctx = self._place_inputs(x, context, acts)
+                for bid in step.loads:
+                    buf = plan.buffers[bid]
+                    if self._pool is not None and step.action == "run":
+                        pending[bid] = self._pool.submit(self._load, buf, ids)
+                    else:
+                        loads[buf.layer] = self._load(buf, ids)
+                if step.action == "run":
+                    if step.weights in pending:
+                        loads[step.layer] = pending.pop(step.weights).result()
+                    compute[step.layer], output = self._run_step(step, x.shape, ctx, acts)
+                for bid in step.frees:
+                    if arena.is_live(bid):
+                        arena.release(bid)
+                usage.append(arena.live_bytes)
+                ends.append(time.perf_counter() - started)
+        except BaseException:
+            self._drain(pending)
+            self.close()
+            raise
+        timings = tuple(
+            LayerTiming(
+                u, loads.get(u, (0.0, 0))[0], compute.get(u, 0.0), loads.get(u, (0.0, 0))[1]
+            )
+            for u in plan.units
+        )
+        return self._result(output, timings, usage, ends, time.perf_counter() - started)
+
+    def _place_inputs(
+        self, x: np.ndarray, context: Mapping[str, np.ndarray], acts: dict
+    ) -> dict[str, np.ndarray]:
+        """Copy the request's input and context into their arena buffers; views of them."""
+        ctx: dict[str, np.ndarray] = {}
+        for buf in self.plan.buffers:
+            if buf.role != "activation" or buf.layer not in ("input", "context"):
+                continue
+            if buf.layer == "input":
+                acts[buf.id] = (x.dtype, x.shape)
+                self._activation(buf.id, acts)[...] = x
+                continue
+            offset = buf.offset_bytes or 0  # context inputs share one buffer, each aligned
+            for inp in self.manifest.inputs[1:]:
+                arr = context[inp.name]
+                view = self._view(offset, arr.dtype, arr.shape)
+                view[...] = arr
+                ctx[inp.name] = view
+                offset += -(-arr.nbytes // self.plan.alignment_bytes) * self.plan.alignment_bytes
+        return ctx
+
+    def _view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        assert self.arena is not None
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        return self.arena.view(offset, nbytes).view(dtype).reshape(shape)
+
+    def _activation(self, bid: int, acts: dict) -> np.ndarray:
+        dtype, shape = acts[bid]
+        return self._view(self.plan.buffers[bid].offset_bytes or 0, dtype, shape)
+
+    def _run_step(self, step, chain_shape, ctx, acts) -> tuple[float, np.ndarray | None]:
+        assert step.input is not None
+        spec = self._specs[step.layer]
+        params = {}
+        if step.weights is not None:
+            params = self._params(self.plan.buffers[step.weights], chain_shape)
+        start = time.perf_counter()
+        out = self._fn(spec)(params, self._activation(step.input, acts), ctx)
+        out.block_until_ready()  # the views may be overwritten after this step
+        seconds = time.perf_counter() - start
+        if step.output is None:
+            return seconds, None
+        out_buf = self.plan.buffers[step.output]
+        host = np.asarray(out)
+        if host.nbytes > out_buf.nbytes:
+            raise MemoryQuotaExceeded(
+                f"step {step.index}: {spec.name} produced {host.nbytes} bytes, the plan "
+                f"reserved {out_buf.nbytes}; the cost table is stale, plan again",
+                needed_bytes=host.nbytes,
+                capacity_bytes=out_buf.nbytes,
+            )
+        acts[step.output] = (host.dtype, host.shape)
+        result = self._activation(step.output, acts)
+        result[...] = host
+        return seconds, result
+
+    def _result(self, output, timings, usage, ends, latency_s) -> Result:
+        assert self.arena is not None
+        plan = self.plan
+        outcome = "complete" if plan.complete else "early_exit"
+        report = RunReport(
+            model_name=plan.model_name,
+            outcome=outcome,
+            exit_level=plan.exit_level,
+            num_levels=plan.num_levels,
+            capacity_bytes=plan.capacity_bytes,
+            arena_bytes=plan.arena_bytes,
+            plan_peak_bytes=plan.peak_bytes,
+            arena_peak_used_bytes=self.arena.peak_live_bytes,
+            observed_peak_bytes=None,
+            bytes_read=sum(t.bytes_read for t in timings),
+            latency_s=latency_s,
+            layers=timings,
+            arena_used_bytes_per_step=tuple(usage),
+            step_end_s=tuple(ends),
+            quota_exceeded=not plan.complete,
+        )
+        final = None if output is None else np.array(output, copy=True)
+        return Result(final, plan.complete, plan.exit_level, report)
+
+    # ------------------------------------------------------------------ teardown
+
+    @staticmethod
+    def _drain(pending: Mapping[int, Future[Any]]) -> None:
+        """Wait for background reads so none writes into a released arena."""
+        for future in pending.values():
+            future.cancel()
+            with contextlib.suppress(BaseException):  # the first error is propagating
+                future.result()
+
+    def close(self) -> None:
+        """Release the arena and the reader thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        self._pinned_loaded = False

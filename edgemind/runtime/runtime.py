@@ -1,0 +1,203 @@
+"""The user-facing runtime: open a model, plan a request shape, run NumPy inputs.
+
+>>> import tempfile, numpy as np
+>>> from examples.toy_model.build import build_toy_model
+>>> model = build_toy_model(tempfile.mkdtemp() + "/toy")
+>>> with Runtime.open(model) as rt:
+...     result = rt.run(np.ones((1, 1024), np.float32))
+>>> result.complete, result.exit_level, result.output.shape
+(True, 3, (1, 10))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemind.errors import InputError, MemoryQuotaExceeded
+from edgemind.layers.cost import cost_table
+from edgemind.planner import make_plan
+from edgemind.planner.plan import CostTable, Plan
+from edgemind.policy import Policy, load_policy
+from edgemind.runtime.executor import Executor, numpy_dtype
+from edgemind.runtime.memory import PeakRssMeter
+from edgemind.runtime.report import Result
+from edgemind.units import MIB, format_bytes
+from edgemind.weights.manifest import InputSpec, Manifest, load_manifest
+
+
+def dims_of(manifest: Manifest, arrays: tuple[np.ndarray, ...]) -> dict[str, int]:
+    """Named dims (batch, seq...) read off the inputs; checks ranks, fixed dims and dtypes."""
+    if len(arrays) != len(manifest.inputs):
+        names = ", ".join(i.name for i in manifest.inputs)
+        raise InputError(
+            f"{manifest.model_name} takes {len(manifest.inputs)} inputs ({names}), "
+            f"got {len(arrays)}"
+        )
+    dims: dict[str, int] = {}
+    for spec, arr in zip(manifest.inputs, arrays, strict=True):
+        _check_input(spec, arr, dims)
+    return dims
+
+
+def _check_input(spec: InputSpec, arr: np.ndarray, dims: dict[str, int]) -> None:
+    expected = "(" + ", ".join(str(d) for d in spec.shape) + ")"
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"input {spec.name!r}: expected a NumPy array, got {type(arr).__name__}")
+    if arr.dtype != numpy_dtype(spec.dtype):
+        raise InputError(
+            f"input {spec.name!r}: expected dtype {spec.dtype}, got {arr.dtype}; "
+            f"convert with x.astype(np.{spec.dtype})"
+        )
+    if arr.ndim != len(spec.shape):
+        raise InputError(f"input {spec.name!r}: expected shape {expected}, got {arr.shape}")
+    for want, got in zip(spec.shape, arr.shape, strict=True):
+        if isinstance(want, str):
+            if got < 1 or dims.setdefault(want, got) != got:
+                raise InputError(
+                    f"input {spec.name!r}: dim {want!r} is {got}, expected {dims[want]} "
+                    f"(shape {expected}, got {arr.shape})"
+                )
+        elif want != got:
+            raise InputError(f"input {spec.name!r}: expected shape {expected}, got {arr.shape}")
+
+
+def quota_message(plan: Plan, policy: Policy) -> str:
+    """One line: what does not fit, by how much, and what to change."""
+    need = plan.min_capacity_bytes
+    witness = plan.witness
+    where = (
+        f" (short by {format_bytes(witness.missing_bytes)} at step {witness.step}, {witness.layer})"
+        if witness
+        else ""
+    )
+    fix = (
+        f"raise model.arena_capacity_mb to at least {need / MIB:.2f}"
+        if need
+        else "raise model.arena_capacity_mb"
+    )
+    if policy.on_memory_quota_exceeded == "reject_request":
+        fix += " or set scheduler.on_memory_quota_exceeded: early_exit"
+    elif plan.status == "infeasible":
+        fix += " (no exit level fits either)"
+    needs = format_bytes(need) if need else "more"
+    return (
+        f"{plan.model_name} at input {plan.input_shape} needs {needs}, the arena has "
+        f"{format_bytes(plan.capacity_bytes)}{where}; {fix}"
+    )
+
+
+class Runtime:
+    """A model opened under a policy: plans request shapes and runs requests.
+
+    One arena is held at a time; layers the plan pins stay resident in it across
+    requests of the same shape, so only the streamed layers are read again.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], manifest: Manifest, policy: Policy):
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        self.policy = policy
+        self._costs: dict[tuple[tuple[str, int], ...], CostTable] = {}
+        self._plans: dict[tuple[tuple[str, int], ...], Plan] = {}
+        self._executor: Executor | None = None
+
+    @classmethod
+    def open(
+        cls,
+        model_dir: str | os.PathLike[str],
+        policy: Policy | str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> Runtime:
+        """Open ``model_dir`` (validating its manifest) under a policy or policy file."""
+        manifest = load_manifest(model_dir)
+        if not isinstance(policy, Policy):
+            policy = load_policy(policy, overrides=overrides)
+        elif overrides:
+            policy = policy.replace(**overrides)
+        return cls(model_dir, manifest, policy)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def costs(self, **dims: int) -> CostTable:
+        """The per-unit cost table for a request shape (``batch=``, ``seq=``...)."""
+        key = tuple(sorted(dims.items()))
+        if key not in self._costs:
+            self._costs[key] = cost_table(self.manifest, dims)
+        return self._costs[key]
+
+    def plan(self, **dims: int) -> Plan:
+        """The plan for a request shape, e.g. ``rt.plan(batch=8)``; cached."""
+        key = tuple(sorted(dims.items()))
+        if key not in self._plans:
+            self._plans[key] = make_plan(
+                self.costs(**dims),
+                self.policy,
+                manifest_digest=self.manifest.digest(),
+                policy_digest=self.policy.digest(),
+            )
+        return self._plans[key]
+
+    def use_plan(self, plan: Plan, **dims: int) -> None:
+        """Adopt a plan loaded from a file for the shape it was made for."""
+        self._plans[tuple(sorted(dims.items()))] = plan
+
+    def run(self, x: np.ndarray, *context: np.ndarray) -> Result:
+        """Run one request. Raises :class:`MemoryQuotaExceeded` before reading any
+        weight when the plan rejects it; returns partial output on an early exit."""
+        dims = dims_of(self.manifest, (x, *context))
+        plan = self.plan(**dims)
+        if plan.status == "infeasible":
+            error = MemoryQuotaExceeded(
+                quota_message(plan, self.policy),
+                needed_bytes=plan.min_capacity_bytes or 0,
+                capacity_bytes=plan.capacity_bytes,
+            )
+            error.plan = plan  # type: ignore[attr-defined]
+            raise error
+        executor = self._executor_for(plan)
+        ctx = {spec.name: arr for spec, arr in zip(self.manifest.inputs[1:], context, strict=True)}
+        meter = PeakRssMeter()
+        result = executor.run(x, ctx)
+        observed = meter.peak_above_baseline()
+        report = dataclasses.replace(result.report, observed_peak_bytes=observed)
+        return Result(result.output, result.complete, result.exit_level, report)
+
+    def _executor_for(self, plan: Plan) -> Executor:
+        current = self._executor
+        if current is not None and current.plan is plan and current.arena is not None:
+            return current
+        self.close()  # one arena at a time: the old one goes before the new one comes
+        self._executor = Executor(
+            self.model_dir, self.manifest, plan, verify=self.policy.verify_checksums
+        )
+        return self._executor
+
+    def close(self) -> None:
+        """Release the arena (and pinned layers); the runtime can still plan and run."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+
+def run_model(
+    model_dir: str | os.PathLike[str],
+    x: np.ndarray,
+    *context: np.ndarray,
+    policy: Policy | None = None,
+    **overrides: Any,
+) -> Result:
+    """One-shot convenience: open, run one request, close."""
+    with Runtime.open(model_dir, policy, **overrides) as rt:
+        return rt.run(x, *context)
+
+
+__all__ = ["Runtime", "dims_of", "quota_message", "run_model"]
