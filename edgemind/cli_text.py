@@ -6,13 +6,15 @@ Pure functions from data to strings and dicts; nothing here prints.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemind.planner.plan import Plan
 from edgemind.policy import Policy
-from edgemind.runtime.report import Result
 from edgemind.units import format_bytes
 from edgemind.weights.manifest import Manifest
+
+if TYPE_CHECKING:
+    from edgemind.runtime.report import Result
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

@@ -1,0 +1,174 @@
+"""The streaming executor against the all-in-memory reference, and its memory bound."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from edgemind.planner.verify import verify_plan
+
+from edgemind.errors import InputError, MemoryQuotaExceeded, ModelFormatError
+from edgemind.layers.registry import TRACE_COUNTS
+from edgemind.runtime import InMemoryModel, Runtime
+from edgemind.runtime.executor import Executor
+from edgemind.units import MIB
+
+
+@pytest.fixture(scope="module")
+def reference(toy_model):
+    return InMemoryModel(toy_model)
+
+
+def x_of(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 1024)).astype(np.float32)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_streamed_output_is_bit_identical_to_in_memory(toy_model, reference, prefetch):
+    x = x_of(3)
+    with Runtime.open(toy_model, prefetch_depth=prefetch) as rt:
+        result = rt.run(x)
+        assert verify_plan(rt.plan(batch=3)) == []
+    assert result.complete and result.exit_level == 3
+    np.testing.assert_array_equal(result.output, reference.run(x))
+
+
+def test_in_memory_matches_numpy_references(reference):
+    x = x_of(2, seed=1)
+    np.testing.assert_allclose(reference.run(x), reference.run(x, numpy=True), rtol=2e-4, atol=2e-4)
+
+
+def test_early_exit_returns_the_level_output(toy_model, reference):
+    x = x_of(2)
+    with Runtime.open(toy_model, arena_capacity_bytes=24 * MIB) as rt:
+        plan = rt.plan(batch=2)
+        assert plan.status == "early_exit" and plan.exit_level == 2
+        result = rt.run(x)
+    assert not result.complete and result.exit_level == 2
+    assert result.report.outcome == "early_exit" and result.report.quota_exceeded
+    np.testing.assert_array_equal(result.output, reference.run(x, level=2))
+    np.testing.assert_allclose(result.output.sum(axis=-1), 1.0, rtol=1e-5)  # a softmax head
+
+
+def test_rejection_reads_nothing_and_allocates_nothing(toy_model, monkeypatch):
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a weight was read for a rejected request")
+
+    def no_arena(*args, **kwargs):
+        raise AssertionError("an arena was allocated for a rejected request")
+
+    monkeypatch.setattr("edgemind.runtime.executor.read_tensors_into", no_reads)
+    monkeypatch.setattr(Executor, "__init__", no_arena)
+    rt = Runtime.open(toy_model, arena_capacity_bytes=2 * MIB)
+    with rt, pytest.raises(MemoryQuotaExceeded) as info:
+        rt.run(x_of(1))
+    message = str(info.value)
+    assert "needs" in message and "arena_capacity_mb" in message and "\n" not in message
+    assert info.value.needed_bytes > 2 * MIB
+
+
+def test_reject_policy_raises_instead_of_exiting_early(toy_model):
+    with (
+        Runtime.open(
+            toy_model, arena_capacity_bytes=24 * MIB, on_memory_quota_exceeded="reject_request"
+        ) as rt,
+        pytest.raises(MemoryQuotaExceeded, match="early_exit"),
+    ):
+        rt.run(x_of(1))
+
+
+def test_arena_use_never_exceeds_the_plan(toy_model):
+    with Runtime.open(toy_model) as rt:
+        result = rt.run(x_of(4))
+        plan = rt.plan(batch=4)
+    report = result.report
+    assert report.arena_bytes == plan.arena_bytes
+    assert report.arena_peak_used_bytes <= plan.arena_bytes
+    assert max(report.arena_used_bytes_per_step) <= plan.arena_bytes
+    assert len(report.arena_used_bytes_per_step) == len(plan.steps)
+    for step, used in zip(plan.steps, report.arena_used_bytes_per_step, strict=True):
+        assert used <= step.arena_live_bytes  # frees at a step's end can only lower it
+    assert report.bytes_read == plan.streamed_bytes
+    if report.observed_peak_bytes is not None:
+        # RSS counts pages touched; the arena may be larger than what one request touches.
+        assert report.observed_peak_bytes <= plan.peak_bytes + 16 * MIB
+
+
+def test_each_signature_compiles_once(toy_model):
+    with Runtime.open(toy_model) as rt:
+        rt.run(x_of(5))
+        before = dict(TRACE_COUNTS)
+        for seed in range(3):
+            rt.run(x_of(5, seed))
+    assert dict(TRACE_COUNTS) == before
+
+
+def test_weights_reach_jax_without_copies(toy_model):
+    with Runtime.open(toy_model) as rt:
+        plan = rt.plan(batch=1)
+        executor = Executor(toy_model, rt.manifest, plan)
+        try:
+            buf = next(b for b in plan.buffers if b.tensors)
+            executor._load(buf, None)
+            params = executor._params(buf, (1, 1024))
+            for view in params.values():
+                assert view.ctypes.data % 64 == 0
+                assert jax.device_put(view).unsafe_buffer_pointer() == view.ctypes.data
+        finally:
+            executor.close()
+
+
+def test_pinned_layers_are_read_once(toy_model, reference):
+    x = x_of(2)
+    with Runtime.open(toy_model, arena_capacity_bytes=120 * MIB, keep_resident_layers="auto") as rt:
+        plan = rt.plan(batch=2)
+        assert plan.pinned_layers
+        first = rt.run(x)
+        second = rt.run(x)
+    assert first.report.bytes_read > second.report.bytes_read
+    assert second.report.bytes_read == plan.streamed_bytes
+    np.testing.assert_array_equal(second.output, reference.run(x))
+
+
+@pytest.mark.parametrize(
+    ("x", "needle"),
+    [
+        (np.ones((2, 1024), np.float64), "expected dtype float32"),
+        (np.ones((2, 512), np.float32), "expected shape (batch, 1024)"),
+        (np.ones((1024,), np.float32), "expected shape"),
+        ([[1.0] * 1024], "expected a NumPy array"),
+    ],
+)
+def test_bad_inputs(toy_model, x, needle):
+    with Runtime.open(toy_model) as rt, pytest.raises(InputError, match=needle):
+        rt.run(x)
+
+
+def test_weight_file_changed_after_planning_stops_cleanly(toy_model, tmp_path):
+    model = shutil.copytree(toy_model, tmp_path / "toy")
+    with Runtime.open(model) as rt:
+        rt.plan(batch=1)
+        victim = model / rt.manifest.layers[5].file
+        os.truncate(victim, os.path.getsize(victim) // 2)
+        with pytest.raises(ModelFormatError, match="L5"):
+            rt.run(x_of(1))
+        assert rt._executor is None or rt._executor.arena is None  # released
+
+
+def test_flipped_byte_caught_with_verification(toy_model, tmp_path):
+    from edgemind.errors import ChecksumError
+
+    model = shutil.copytree(toy_model, tmp_path / "toy")
+    with Runtime.open(model, verify_checksums=True) as rt:
+        spec = rt.manifest.layers[2].tensor("w")
+        path = model / rt.manifest.layers[2].file
+        with open(path, "r+b") as f:
+            f.seek(spec.offset_bytes + 100)
+            byte = f.read(1)
+            f.seek(spec.offset_bytes + 100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(ChecksumError, match="L2"):
+            rt.run(x_of(1))
