@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeat", type=int, default=1, metavar="N", help="run N requests")
     run.add_argument("--verify", action="store_true", help="check payload checksums as read")
     run.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    metrics = run.add_argument_group("metrics")
+    metrics.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here (overrides metrics.http_addr)",
+    )
+    metrics.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write the exposition here (node_exporter textfile collector)",
+    )
+    metrics.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep the metrics endpoint up S seconds after the last request",
+    )
     return parser
 
 
@@ -109,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryQuotaExceeded as exc:
         print(f"edgemind: rejected: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE
-    except EdgemindError as exc:
+    except EdgemindError as exc:  # MetricsError, PolicyError, ModelFormatError...
         print(f"edgemind: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -196,34 +215,73 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
+    from prometheus_client import CollectorRegistry
 
-    from edgemind.cli_text import format_result, result_dict
     from edgemind.errors import InputError
-    from edgemind.planner.planfile import check_plan_matches, load_plan
+    from edgemind.metrics import RunMetrics, check_textfile_path, start_http_exporter
     from edgemind.runtime import Runtime
 
     if args.repeat < 1:
         raise InputError(f"--repeat: expected a positive integer, got {args.repeat}")
+    if args.linger < 0:
+        raise InputError(f"--linger: expected seconds >= 0, got {args.linger}")
     runtime = Runtime.open(args.model_dir, _policy(args))
-    with runtime:
-        x = _load_input(runtime.manifest, args.input, args.seed, _dims(args))
-        if args.plan:
-            plan = load_plan(args.plan)
-            check_plan_matches(
-                plan, runtime.manifest.digest(), runtime.policy.digest(), tuple(x.shape)
-            )
-            runtime.use_plan(plan, **_dims(args))
-        result = None
+    policy = runtime.policy
+    if args.metrics_textfile:
+        check_textfile_path(args.metrics_textfile)
+    registry = CollectorRegistry()
+    metrics = RunMetrics(registry, runtime.manifest.model_name)
+    addr = args.metrics_addr or (policy.metrics_http_addr if policy.metrics_enable_http else None)
+    exporter = start_http_exporter(registry, addr) if addr else None
+    try:
+        with runtime:
+            code = _serve_requests(args, runtime, metrics)
+            if exporter is not None and args.linger:
+                print(f"serving metrics at {exporter.url} for {args.linger:g} s", flush=True)
+                time.sleep(args.linger)
+    finally:
+        if exporter is not None:
+            exporter.close()
+    return code
+
+
+def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int:
+    """Run ``--repeat`` requests, feeding the metrics; print and save the last result."""
+    import numpy as np
+
+    from edgemind.metrics import write_textfile
+    from edgemind.planner.planfile import check_plan_matches, load_plan
+    from edgemind.report_text import format_report, report_dict
+
+    dims = _dims(args)
+    x = _load_input(runtime.manifest, args.input, args.seed, dims)
+    if args.plan:
+        plan = load_plan(args.plan)
+        check_plan_matches(plan, runtime.manifest.digest(), runtime.policy.digest(), x.shape)
+        runtime.use_plan(plan, **dims)
+    result = None
+    try:
         for _ in range(args.repeat):
-            result = runtime.run(x)
-        assert result is not None
-        if args.output and result.output is not None:
-            _save_output(args.output, np.asarray(result.output))
-        if args.json:
-            print(json.dumps(result_dict(result), indent=1))
-        else:
-            print(format_result(result, runtime.plan(**_dims(args))))
+            start = time.perf_counter()
+            try:
+                result = runtime.run(x)
+            except MemoryQuotaExceeded as exc:
+                latency = time.perf_counter() - start
+                metrics.observe_rejection(exc, getattr(exc, "plan", None), latency_s=latency)
+                raise
+            metrics.observe(result.report)
+    finally:
+        if args.metrics_textfile:
+            write_textfile(metrics.registry, args.metrics_textfile)
+    assert result is not None
+    if args.output and result.output is not None:
+        _save_output(args.output, np.asarray(result.output))
+    plan = runtime.last_plan
+    count = metrics.quota_exceeded_count
+    if args.json:
+        print(json.dumps(report_dict(result.report, plan, quota_exceeded_count=count), indent=1))
+    else:
+        print(format_report(result.report, plan, quota_exceeded_count=count))
     return EXIT_OK if result.complete else EXIT_EARLY_EXIT
 
 

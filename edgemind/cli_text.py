@@ -6,18 +6,16 @@ Pure functions from data to strings and dicts; nothing here prints.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from edgemind.planner.plan import Plan
 from edgemind.policy import Policy
 from edgemind.units import format_bytes
 from edgemind.weights.manifest import Manifest
 
-if TYPE_CHECKING:
-    from edgemind.runtime.report import Result
 
-
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     for row in rows:
@@ -184,41 +182,3 @@ def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = Fal
 
 def _ratio(a: int, b: int) -> str:
     return f"{a / b:.1%}" if b else "n/a"
-
-
-# ---------------------------------------------------------------------------- results
-
-
-def result_dict(result: Result) -> dict[str, Any]:
-    """The run's outcome and report as JSON-able values."""
-    out = {"complete": result.complete, "exit_level": result.exit_level}
-    out["report"] = dataclasses.asdict(result.report)
-    if result.output is not None:
-        out["output_shape"] = list(result.output.shape)
-        out["output_dtype"] = str(result.output.dtype)
-    return out
-
-
-def format_result(result: Result, plan: Plan | None = None) -> str:
-    """The outcome line and the per-layer report."""
-    r = result.report
-    outcome = (
-        "complete" if result.complete else f"early exit at level {r.exit_level} of {r.num_levels}"
-    )
-    rows = [
-        (t.layer, f"{t.load_s * 1e3:.2f}", f"{t.compute_s * 1e3:.2f}", format_bytes(t.bytes_read))
-        for t in r.layers
-    ]
-    observed = "n/a" if r.observed_peak_bytes is None else format_bytes(r.observed_peak_bytes)
-    lines = [
-        f"{r.model_name}: {outcome}; output shape "
-        f"{None if result.output is None else list(result.output.shape)}",
-        "",
-        _table(rows, ("layer", "load ms", "compute ms", "read")),
-        "",
-        f"latency {r.latency_s * 1e3:.2f} ms; read {format_bytes(r.bytes_read)}",
-        f"planned peak {format_bytes(r.plan_peak_bytes)}; arena peak used "
-        f"{format_bytes(r.arena_peak_used_bytes)} of {format_bytes(r.arena_bytes)}; observed "
-        f"peak RSS above baseline {observed}; capacity {format_bytes(r.capacity_bytes)}",
-    ]
-    return "\n".join(lines)

@@ -141,9 +141,7 @@ def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
         for key, value in body.items():
             if key not in _SCHEMA[section]:
                 valid = ", ".join(f"{section}.{k}" for k in _SCHEMA[section])
-                raise PolicyError(
-                    f"{source}: unknown key {section}.{key!s}; valid keys: {valid}"
-                )
+                raise PolicyError(f"{source}: unknown key {section}.{key!s}; valid keys: {valid}")
             field = _SCHEMA[section][key]
             if field == "arena_capacity_bytes":
                 value = _capacity_from_mb(f"{source}: {section}.{key}", value)

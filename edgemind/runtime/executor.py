@@ -24,7 +24,7 @@ from edgemind.errors import EdgemindError, MemoryQuotaExceeded
 from edgemind.layers.registry import jitted
 from edgemind.planner.plan import Buffer, Plan
 from edgemind.runtime.arena import Arena
-from edgemind.runtime.report import LayerTiming, Result, RunReport
+from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
 from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
 from edgemind.weights.reader import read_rows_into, read_tensors_into
 
@@ -242,7 +242,7 @@ class Executor:
     def _result(self, output, timings, usage, ends, latency_s) -> Result:
         assert self.arena is not None
         plan = self.plan
-        outcome = "complete" if plan.complete else "early_exit"
+        outcome: Outcome = "complete" if plan.complete else "early_exit"
         report = RunReport(
             model_name=plan.model_name,
             outcome=outcome,

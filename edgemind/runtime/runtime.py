@@ -105,6 +105,7 @@ class Runtime:
         self._costs: dict[tuple[tuple[str, int], ...], CostTable] = {}
         self._plans: dict[tuple[tuple[str, int], ...], Plan] = {}
         self._executor: Executor | None = None
+        self.last_plan: Plan | None = None  # the plan of the latest request
 
     @classmethod
     def open(
@@ -154,7 +155,7 @@ class Runtime:
         """Run one request. Raises :class:`MemoryQuotaExceeded` before reading any
         weight when the plan rejects it; returns partial output on an early exit."""
         dims = dims_of(self.manifest, (x, *context))
-        plan = self.plan(**dims)
+        plan = self.last_plan = self.plan(**dims)
         if plan.status == "infeasible":
             error = MemoryQuotaExceeded(
                 quota_message(plan, self.policy),

@@ -257,8 +257,7 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
             raise ModelFormatError(f"{where}: input {iname!r} shape must hold ints and names")
         inputs.append(InputSpec(iname, dtype, shape))
     layers = tuple(
-        _parse_layer(obj, f"{where}: layer", alignment)
-        for obj in _req(data, "layers", list, where)
+        _parse_layer(obj, f"{where}: layer", alignment) for obj in _req(data, "layers", list, where)
     )
     if not layers or not inputs:
         raise ModelFormatError(f"{where}: a model needs at least one input and one layer")

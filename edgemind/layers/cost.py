@@ -1,0 +1,210 @@
+"""Per-unit costs: what each layer and exit head costs for one concrete input shape.
+
+The output's shape and dtype come from ``jax.eval_shape``; the working set (what XLA
+allocates outside the arena for one call) from the compiled executable's
+``memory_analysis()``: ``output + temp - alias``, never less than the output itself.
+On CPU, scratch that a fused library call (a oneDNN matmul) allocates for itself can
+show as 0 temp bytes, so the benchmark checks measured memory against the plan.
+
+Each (kind, config, shapes, dtypes) signature is lowered and compiled once; the jit
+cache in :mod:`edgemind.layers.registry` then reuses that trace when the runtime calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from edgemind.errors import ModelFormatError
+from edgemind.layers.registry import freeze_config, get_kind, jitted
+from edgemind.planner.plan import CostTable, ExitCost, UnitCost
+from edgemind.weights.manifest import DTYPES, LayerSpec, Manifest
+
+Signature = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per array
+
+
+def struct_nbytes(sds: jax.ShapeDtypeStruct) -> int:
+    """Bytes of an array with this shape and dtype."""
+    return math.prod(sds.shape) * jnp.dtype(sds.dtype).itemsize
+
+
+def gathered_tensors(spec: LayerSpec) -> tuple[str, ...]:
+    """Tensors of which a request loads only the rows its ids select (config ``"gathered"``)."""
+    names = spec.config.get("gathered", ())
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ModelFormatError(
+            f"layer {spec.name!r}: config 'gathered' must be a list of tensor names, got {names!r}"
+        )
+    known = {t.name: t for t in spec.tensors}
+    for name in names:
+        if name not in known or not known[name].shape:
+            raise ModelFormatError(
+                f"layer {spec.name!r}: gathered tensor {name!r} is not one of its tensors "
+                f"with rows ({sorted(known)})"
+            )
+    return tuple(names)
+
+
+def param_structs(spec: LayerSpec, gather_rows: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shape/dtype of each tensor as ``apply`` receives it for one request.
+
+    A gathered tensor holds ``gather_rows`` rows (one per id of the chain input); every
+    other tensor is whole.
+    """
+    gathered = gathered_tensors(spec)
+    return {
+        t.name: jax.ShapeDtypeStruct(
+            (gather_rows, *t.shape[1:]) if t.name in gathered else t.shape, jnp.dtype(t.dtype)
+        )
+        for t in spec.tensors
+    }
+
+
+def input_structs(manifest: Manifest, dims: Mapping[str, int]) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The model's inputs with dynamic dims filled from ``dims``, in manifest order.
+
+    The first is the chain input; the rest are context (an attention mask...).
+
+    >>> from edgemind.weights.manifest import InputSpec, Manifest
+    >>> m = Manifest("m", 64, (InputSpec("x", "float32", ("batch", 8)),), ())
+    >>> input_structs(m, {"batch": 2})
+    (ShapeDtypeStruct(shape=(2, 8), dtype=float32),)
+    """
+    for name, size in dims.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ModelFormatError(f"dim {name!r} must be a positive integer, got {size!r}")
+    structs = []
+    for spec in manifest.inputs:
+        if spec.dtype not in DTYPES:
+            raise ModelFormatError(
+                f"input {spec.name!r}: unknown dtype {spec.dtype!r}; expected one of {DTYPES}"
+            )
+        shape = spec.concrete_shape(dims)
+        structs.append(jax.ShapeDtypeStruct(shape, jnp.dtype(spec.dtype)))
+    return tuple(structs)
+
+
+def _signature(arrays: Mapping[str, Any]) -> Signature:
+    return tuple(
+        (name, tuple(int(d) for d in a.shape), str(jnp.dtype(a.dtype)))
+        for name, a in sorted(arrays.items())
+    )
+
+
+def _structs(sig: Signature) -> dict[str, jax.ShapeDtypeStruct]:
+    return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, shape, dtype in sig}
+
+
+@functools.cache
+def _analyse(
+    kind: str, config: tuple[tuple[str, Any], ...], params: Signature, x: Signature, ctx: Signature
+) -> tuple[jax.ShapeDtypeStruct, int]:
+    """Output struct and working-set bytes of one signature; lowered and compiled once."""
+    fn = jitted(kind, dict(config))
+    args = (_structs(params), _structs(x)["x"], _structs(ctx))
+    out = jax.eval_shape(fn, *args)
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise ModelFormatError(f"layer kind {kind!r} must return one array, got {out!r}")
+    out_bytes = struct_nbytes(out)
+    stats = fn.lower(*args).compile().memory_analysis()
+    if stats is None:  # a backend without memory statistics: the output is all we know
+        return out, out_bytes
+    xla_bytes = stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    return out, max(int(xla_bytes), out_bytes)
+
+
+def unit_cost(
+    spec: LayerSpec,
+    x: jax.ShapeDtypeStruct,
+    ctx: Mapping[str, jax.ShapeDtypeStruct],
+    *,
+    gather_rows: int | None = None,
+) -> tuple[UnitCost, jax.ShapeDtypeStruct]:
+    """The cost of running ``spec`` on input ``x`` (with context ``ctx``), and its output.
+
+    ``tensors`` are the bytes this request loads: a gathered tensor (config
+    ``"gathered"``, an embedding table) costs only ``gather_rows`` rows, by default one
+    per element of ``x`` (the chain input's ids, when ``spec`` is the first layer).
+
+    >>> from edgemind.weights.manifest import LayerSpec, TensorSpec
+    >>> w = TensorSpec("w", "float32", (8, 4), 128, 0, "00000000")
+    >>> b = TensorSpec("b", "float32", (4,), 16, 128, "00000000")
+    >>> spec = LayerSpec("fc", "dense", {"activation": "relu"}, "fc.msgpack", (w, b))
+    >>> cost, out = unit_cost(spec, jax.ShapeDtypeStruct((2, 8), "float32"), {})
+    >>> cost.output_bytes, cost.weight_bytes, out.shape
+    (32, 144, (2, 4))
+    """
+    where = f"layer {spec.name!r} (kind {spec.kind!r})"
+    try:
+        kind = get_kind(spec.kind)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{where}: {exc}") from None
+    names = {t.name for t in spec.tensors}
+    missing = [n for n in kind.tensors if n not in names]
+    if missing:
+        raise ModelFormatError(
+            f"{where}: missing tensor(s) {missing}; it has {sorted(names)}, "
+            f"kind {kind.name!r} needs {list(kind.tensors)}"
+        )
+    rows = math.prod(x.shape) if gather_rows is None else gather_rows
+    params = param_structs(spec, rows)
+    try:
+        out, working_set_bytes = _analyse(
+            spec.kind,
+            freeze_config(spec.config),
+            _signature(params),
+            _signature({"x": x}),
+            _signature(ctx),
+        )
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # shape or dtype mismatch found while tracing
+        shapes = {t.name: list(t.shape) for t in spec.tensors}
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFormatError(
+            f"{where}: its tensors {shapes} do not fit its input of shape {list(x.shape)} "
+            f"{jnp.dtype(x.dtype)} ({first_line}); the manifest's layers are out of order "
+            f"or the model was converted wrongly"
+        ) from None
+    tensors = tuple((name, struct_nbytes(sds)) for name, sds in params.items())
+    cost = UnitCost(spec.name, spec.kind, tensors, struct_nbytes(out), working_set_bytes)
+    return cost, out
+
+
+def cost_table(manifest: Manifest, dims: Mapping[str, int]) -> CostTable:
+    """Every layer's and exit head's cost for the input shape that ``dims`` fixes.
+
+    The first input is the chain's input; the others are context every unit receives.
+    Exit level k's head runs on the output of the layer it follows. Gathered tensors
+    hold one row per element of the chain input (its token ids).
+    """
+    structs = input_structs(manifest, dims)
+    x = structs[0]
+    rows = math.prod(x.shape)
+    ctx = {spec.name: s for spec, s in zip(manifest.inputs[1:], structs[1:], strict=True)}
+    layers: list[UnitCost] = []
+    outputs: list[jax.ShapeDtypeStruct] = []
+    for spec in manifest.layers:
+        cost, x = unit_cost(spec, x, ctx, gather_rows=rows)
+        layers.append(cost)
+        outputs.append(x)
+    exits = []
+    for level, index in manifest.exit_levels():
+        head_spec = manifest.layers[index].exit_head
+        head = None
+        if head_spec is not None:
+            head = unit_cost(head_spec, outputs[index], ctx, gather_rows=rows)[0]
+        exits.append(ExitCost(level=level, after_layer=index, head=head))
+    return CostTable(
+        model_name=manifest.model_name,
+        input_shape=tuple(int(d) for d in structs[0].shape),
+        input_bytes=struct_nbytes(structs[0]),
+        layers=tuple(layers),
+        exits=tuple(exits),
+        context_bytes=sum(struct_nbytes(s) for s in structs[1:]),
+    )

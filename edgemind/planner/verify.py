@@ -1,0 +1,299 @@
+"""The plan checker: an independent proof that a plan's peak bound holds.
+
+It shares no code with the planner (only the :mod:`edgemind.planner.plan` dataclasses)
+and recomputes everything from the buffers: every arena buffer lies in
+``[0, arena_bytes)`` and is aligned; no two arena buffers alive at a common step overlap
+(a sweep over steps keeps the live buffers sorted by offset, so each new one is checked
+against its neighbours: O(n log n) on chain-shaped plans); every run reads weights that
+are alive and were loaded at or before its step (or pinned) and activations that are
+alive; the recorded per-step live bytes, ``peak_bytes`` and ``lower_bound_bytes`` equal
+their recomputation; and, unless the plan is infeasible, every step and the peak fit the
+capacity. Given the cost table, it also checks that the units match the exit level and
+that every buffer holds at least its unit's bytes.
+
+>>> from edgemind.planner import make_plan, CostTable, ExitCost, UnitCost
+>>> from edgemind.policy import Policy
+>>> unit = UnitCost("l0", "dense", (("w", 1000),), 100, 0)
+>>> costs = CostTable("toy", (1,), 100, (unit,), (ExitCost(1, 0, None),))
+>>> verify_plan(make_plan(costs, Policy()), costs)
+[]
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Generator, Iterator
+
+from edgemind.errors import PlanError
+from edgemind.planner.plan import ROLES, Buffer, CostTable, Plan, UnitCost
+
+_MAX_SHOWN = 5  # violations quoted by check_plan
+
+
+def verify_plan(plan: Plan, costs: CostTable | None = None) -> list[str]:
+    """Every way ``plan`` breaks its own proof (or ``costs``), as sentences; [] if none."""
+    problems = list(_structure(plan))
+    if problems:  # ids or steps out of range: the other checks would index wrongly
+        return problems
+    problems += _arena(plan)
+    problems += _overlaps(plan)
+    problems += _live_bytes(plan)
+    problems += _runs(plan)
+    problems += _verdict(plan)
+    if costs is not None:
+        problems += _against_costs(plan, costs)
+    return problems
+
+
+def check_plan(plan: Plan, costs: CostTable | None = None) -> None:
+    """Raise PlanError quoting the first violations when ``plan`` does not verify."""
+    problems = verify_plan(plan, costs)
+    if problems:
+        shown = "; ".join(problems[:_MAX_SHOWN])
+        more = f" (and {len(problems) - _MAX_SHOWN} more)" if len(problems) > _MAX_SHOWN else ""
+        raise PlanError(
+            f"plan for {plan.model_name!r} fails verification: {shown}{more}; "
+            "re-plan with `edgemind plan`"
+        )
+
+
+def _structure(plan: Plan) -> Iterator[str]:
+    align = plan.alignment_bytes
+    if align < 1 or align & (align - 1):
+        yield f"alignment_bytes {align} is not a power of two"
+    last = len(plan.steps) - 1
+    for index, b in enumerate(plan.buffers):
+        if b.id != index:
+            yield f"buffer #{index} has id {b.id}; ids must be positions"
+        if b.role not in ROLES:
+            yield f"buffer {b.id} has unknown role {b.role!r}"
+        if not 0 <= b.first_step <= b.last_step <= last:
+            yield f"buffer {b.id} lives steps {b.first_step}..{b.last_step}, outside 0..{last}"
+        if b.nbytes < 0:
+            yield f"buffer {b.id} has negative size {b.nbytes}"
+    for index, step in enumerate(plan.steps):
+        if step.index != index:
+            yield f"step #{index} has index {step.index}"
+        refs = (step.weights, step.input, step.output, step.working_set, *step.loads, *step.frees)
+        for ref in refs:
+            if ref is not None and not 0 <= ref < len(plan.buffers):
+                yield f"step {index} refers to buffer {ref}, which does not exist"
+
+
+def _arena(plan: Plan) -> Iterator[str]:
+    align = plan.alignment_bytes
+    for b in plan.buffers:
+        if b.role == "working_set":
+            if b.offset_bytes is not None:
+                yield f"working set {b.id} ({b.layer}) has an arena offset"
+            continue
+        if b.offset_bytes is None:
+            yield f"buffer {b.id} ({b.role} of {b.layer}) has no arena offset"
+            continue
+        if b.offset_bytes < 0 or b.offset_bytes + b.nbytes > plan.arena_bytes:
+            yield (
+                f"buffer {b.id} ({b.role} of {b.layer}) spans {b.offset_bytes}.."
+                f"{b.offset_bytes + b.nbytes}, outside the {plan.arena_bytes}-byte arena"
+            )
+        if b.offset_bytes % align or b.nbytes % align:
+            yield (
+                f"buffer {b.id} ({b.role} of {b.layer}): offset {b.offset_bytes} or size "
+                f"{b.nbytes} not aligned to {align}"
+            )
+        for slot in b.tensors:
+            if slot.offset_bytes % align or slot.offset_bytes + slot.nbytes > b.nbytes:
+                yield f"tensor {slot.name} of buffer {b.id} is misaligned or outside it"
+
+
+def _overlaps(plan: Plan) -> Iterator[str]:
+    """Sweep the steps, keeping live arena buffers sorted by offset; check neighbours."""
+    placed = [b for b in plan.buffers if b.offset_bytes is not None and b.nbytes > 0]
+    born = sorted(placed, key=lambda b: b.first_step)
+    dead = sorted(placed, key=lambda b: b.last_step)
+    live: list[tuple[int, int, int]] = []  # (offset, end, id), disjoint while all is well
+    n_born = n_dead = 0
+    for step in range(len(plan.steps)):
+        while n_dead < len(dead) and dead[n_dead].last_step < step:
+            b = dead[n_dead]
+            live.remove((b.offset_bytes or 0, b.end_bytes, b.id))
+            n_dead += 1
+        while n_born < len(born) and born[n_born].first_step == step:
+            b = born[n_born]
+            entry = (b.offset_bytes or 0, b.end_bytes, b.id)
+            at = bisect.bisect_left(live, entry)
+            for other in live[max(0, at - 1) : at + 1]:
+                if other[0] < entry[1] and entry[0] < other[1]:
+                    yield (
+                        f"buffers {other[2]} and {b.id} ({b.layer}) overlap at bytes "
+                        f"{max(other[0], entry[0])}..{min(other[1], entry[1])} "
+                        f"while both alive at step {step}"
+                    )
+            live.insert(at, entry)
+            n_born += 1
+
+
+def _live_bytes(plan: Plan) -> Iterator[str]:
+    arena = [0] * (len(plan.steps) + 1)
+    working = [0] * (len(plan.steps) + 1)
+    for b in plan.buffers:
+        delta = working if b.offset_bytes is None else arena
+        delta[b.first_step] += b.nbytes
+        delta[b.last_step + 1] -= b.nbytes
+    ending: dict[int, set[int]] = {}
+    for b in plan.buffers:
+        ending.setdefault(b.last_step, set()).add(b.id)
+    arena_live = working_live = 0
+    largest = max_ws = 0
+    for step in plan.steps:
+        arena_live += arena[step.index]
+        working_live += working[step.index]
+        largest = max(largest, arena_live + working_live)
+        max_ws = max(max_ws, working_live)
+        if (step.arena_live_bytes, step.working_set_bytes) != (arena_live, working_live):
+            yield (
+                f"step {step.index} records {step.arena_live_bytes} arena + "
+                f"{step.working_set_bytes} working-set bytes; its buffers hold "
+                f"{arena_live} + {working_live}"
+            )
+        frees = ending.get(step.index, set())
+        if set(step.frees) != frees:
+            yield f"step {step.index} frees {sorted(step.frees)}, but {sorted(frees)} end there"
+    if plan.peak_bytes != plan.arena_bytes + max_ws:
+        yield (
+            f"peak_bytes {plan.peak_bytes} != arena {plan.arena_bytes} + "
+            f"largest working set {max_ws}"
+        )
+    if plan.lower_bound_bytes != largest:
+        yield f"lower_bound_bytes {plan.lower_bound_bytes} != largest live total {largest}"
+
+
+def _alive(b: Buffer, step: int) -> bool:
+    return b.first_step <= step <= b.last_step
+
+
+def _runs(plan: Plan) -> Iterator[str]:
+    buffers = plan.buffers
+    end = len(plan.steps) - 1
+    loaded_at: dict[int, int] = {}
+    for step in plan.steps:
+        for ref in step.loads:
+            b = buffers[ref]
+            loaded_at.setdefault(ref, step.index)
+            if b.role not in ("weights", "prefetch") or not _alive(b, step.index):
+                yield f"step {step.index} loads buffer {ref} ({b.role}), not a live weights buffer"
+    runs = [step for step in plan.steps if step.action == "run"]
+    if tuple(step.layer for step in runs) != plan.units:
+        yield f"the run steps run {[s.layer for s in runs]}, but the plan's units are {plan.units}"
+    for previous, step in zip([None, *runs], runs, strict=False):
+        if previous is not None and previous.output != step.input:
+            yield (
+                f"step {step.index} ({step.layer}) reads buffer {step.input}, but the previous "
+                f"run wrote {previous.output}"
+            )
+        yield from _run_buffers(plan, step.index, loaded_at, end)
+
+
+def _run_buffers(plan: Plan, index: int, loaded_at: dict[int, int], end: int) -> Iterator[str]:
+    step = plan.steps[index]
+    where = f"step {index} ({step.layer})"
+    if step.weights is not None:
+        w = plan.buffers[step.weights]
+        if w.role not in ("weights", "prefetch", "pinned"):
+            yield f"{where} reads weights from buffer {w.id}, a {w.role} buffer"
+        elif not _alive(w, index):
+            yield f"{where} reads weights buffer {w.id}, alive {w.first_step}..{w.last_step}"
+        elif w.role == "pinned":
+            if (w.first_step, w.last_step) != (0, end) or w.id in loaded_at:
+                yield f"{where}: pinned buffer {w.id} must live the whole request, never loaded"
+        elif loaded_at.get(w.id, index + 1) > index:
+            yield f"{where} reads weights buffer {w.id} before any step loads it"
+    for name, ref, role in (
+        ("input", step.input, "activation"),
+        ("output", step.output, "activation"),
+        ("working set", step.working_set, "working_set"),
+    ):
+        if ref is None:
+            continue
+        b = plan.buffers[ref]
+        if b.role != role or not _alive(b, index):
+            yield f"{where}: its {name} buffer {ref} is a {b.role} buffer or not alive then"
+        elif name == "output" and b.first_step != index:
+            yield f"{where}: its output buffer {ref} is born at step {b.first_step}, not here"
+
+
+def _verdict(plan: Plan) -> Iterator[str]:
+    if plan.status not in ("feasible", "early_exit", "infeasible"):
+        yield f"unknown status {plan.status!r}"
+    level = plan.exit_level
+    expected = {
+        "feasible": level == plan.num_levels,
+        "early_exit": level is not None and 1 <= level < plan.num_levels,
+        "infeasible": level is None,
+    }
+    if not expected.get(plan.status, True):
+        yield f"status {plan.status} with exit_level {level} of {plan.num_levels} levels"
+    if (plan.status == "feasible") != (plan.witness is None):
+        yield f"status {plan.status} but witness is {plan.witness}"
+    if plan.status == "infeasible":
+        return
+    capacity = plan.capacity_bytes
+    if plan.peak_bytes > capacity:
+        yield f"peak {plan.peak_bytes} bytes exceeds the capacity {capacity} (status {plan.status})"
+    for step in plan.steps:
+        if step.live_bytes > capacity:
+            yield f"step {step.index} ({step.layer}) holds {step.live_bytes} > {capacity} bytes"
+
+
+def _against_costs(plan: Plan, costs: CostTable) -> Iterator[str]:
+    if plan.num_levels != costs.num_levels or not costs.exits:
+        yield f"plan has {plan.num_levels} exit levels, the cost table {costs.num_levels}"
+        return
+    level = plan.exit_level or costs.num_levels
+    if not 1 <= level <= costs.num_levels:
+        return  # reported by _verdict
+    exit_ = costs.exits[level - 1]
+    units: list[UnitCost] = list(costs.layers[: exit_.after_layer + 1])
+    units += [exit_.head] if exit_.head is not None else []
+    if tuple(u.name for u in units) != plan.units:
+        yield f"plan runs {plan.units}, exit level {level} runs {tuple(u.name for u in units)}"
+        return
+    runs = [step for step in plan.steps if step.action == "run"]
+    streamed = 0
+    for unit, step in zip(units, runs, strict=True):
+        streamed += yield from _unit_buffers(plan, unit, step.index)
+    if streamed != plan.streamed_bytes:
+        yield f"streamed_bytes {plan.streamed_bytes} != {streamed} read by unpinned runs"
+    if plan.unpinned_streamed_bytes != sum(u.weight_bytes for u in units):
+        yield f"unpinned_streamed_bytes {plan.unpinned_streamed_bytes} != the units' weights"
+    first = runs[0].input if runs else None
+    if costs.input_bytes > 0 and (first is None or plan.buffers[first].nbytes < costs.input_bytes):
+        yield f"the first run's input buffer {first} is smaller than {costs.input_bytes} bytes"
+    if costs.context_bytes > 0 and not any(
+        b.layer == "context" and b.nbytes >= costs.context_bytes and b.first_step == 0
+        for b in plan.buffers
+        if b.role == "activation" and b.last_step == len(plan.steps) - 1
+    ):
+        yield f"no context buffer of {costs.context_bytes} bytes lives the whole request"
+
+
+def _unit_buffers(plan: Plan, unit: UnitCost, index: int) -> Generator[str, None, int]:
+    """Check one run's buffers against its unit's costs; return the bytes it streams."""
+    step = plan.steps[index]
+    streamed = 0
+    if unit.weight_bytes > 0:
+        if step.weights is None:
+            yield f"step {index} ({unit.name}) has weights but reads no weights buffer"
+        else:
+            w = plan.buffers[step.weights]
+            streamed = 0 if w.role == "pinned" else unit.weight_bytes
+            slots = {slot.name: slot.nbytes for slot in w.tensors}
+            for name, nbytes in unit.tensors:
+                if slots.get(name, -1) < nbytes:
+                    yield f"buffer {w.id} lacks a {nbytes}-byte slot for {unit.name}.{name}"
+    for name, ref, need in (
+        ("output", step.output, unit.output_bytes),
+        ("working set", step.working_set, unit.working_set_bytes),
+    ):
+        if need > 0 and (ref is None or plan.buffers[ref].nbytes < need):
+            yield f"step {index} ({unit.name}): {name} buffer {ref} holds less than {need} bytes"
+    return streamed

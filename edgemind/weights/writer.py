@@ -1,0 +1,325 @@
+"""The weight writer: streams a model into a new directory, one tensor at a time.
+
+:class:`ModelWriter` writes each layer's file as it is added, into a hidden sibling
+directory, and renames it into place only once ``manifest.json`` is written: a model
+directory either appears complete or not at all. Converters give :class:`TensorSource`
+specs up front and produce each array only when its turn comes, so no more than one
+tensor is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Union
+
+import numpy as np
+
+from edgemind.errors import ModelFormatError
+from edgemind.weights.format import (
+    bin32_header,
+    dtype_name,
+    numpy_dtype,
+    pack_header,
+    padding_object,
+    plan_layout,
+)
+from edgemind.weights.manifest import (
+    DTYPES,
+    MANIFEST_NAME,
+    InputSpec,
+    LayerSpec,
+    Manifest,
+    TensorSpec,
+    manifest_from_json,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """A tensor to write: its spec now, its array from ``load()`` when its turn comes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray] = dataclasses.field(compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ModelFormatError(f"tensor name {self.name!r} must be a non-empty string")
+        if self.dtype not in DTYPES:
+            raise ModelFormatError(
+                f"tensor {self.name!r}: dtype {self.dtype!r} cannot be stored; expected one of "
+                f"{DTYPES}"
+            )
+        shape = tuple(self.shape)
+        if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+            raise ModelFormatError(f"tensor {self.name!r}: shape {shape} must be non-negative ints")
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+
+    @classmethod
+    def from_array(cls, name: str, array: np.ndarray) -> TensorSource:
+        array = np.asarray(array)
+        try:
+            dtype = dtype_name(array.dtype)
+        except ModelFormatError as exc:
+            raise ModelFormatError(f"tensor {name!r}: {exc}") from None
+        return cls(name, dtype, tuple(array.shape), lambda: array)
+
+
+TensorLike = Union[TensorSource, tuple[str, np.ndarray]]  # noqa: UP007 (runtime alias, py3.10)
+ExitHead = tuple[str, str, Mapping[str, Any], Sequence[TensorLike]]
+
+
+def _sources(tensors: Sequence[TensorLike], layer: str) -> list[TensorSource]:
+    out = [t if isinstance(t, TensorSource) else TensorSource.from_array(*t) for t in tensors]
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ModelFormatError(f"layer {layer!r}: duplicate tensor names in {names}")
+    return out
+
+
+def _payload(source: TensorSource, layer: str) -> memoryview:
+    """The source's array as little-endian C-order bytes, after checking its spec."""
+    array = np.asarray(source.load())
+    found = (array.dtype.name, tuple(array.shape))
+    if found != (source.dtype, source.shape):
+        raise ModelFormatError(
+            f"layer {layer!r}, tensor {source.name!r}: array is {found[0]}{list(found[1])}, "
+            f"declared {source.dtype}{list(source.shape)}"
+        )
+    little = numpy_dtype(source.dtype).newbyteorder("<")
+    array = np.ascontiguousarray(array, dtype=little)
+    return array.reshape(-1).view(np.uint8).data
+
+
+def write_layer_file(
+    path: str | os.PathLike[str],
+    layer_name: str,
+    alignment: int,
+    tensors: Sequence[TensorLike],
+) -> tuple[TensorSpec, ...]:
+    """Write one layer's weight file; returns its TensorSpecs with real checksums.
+
+    The header goes first with placeholder checksums, payloads stream one at a time
+    (checksummed as written), then the header is rewritten in place (same length).
+    On any error the partial file is removed.
+
+    >>> import tempfile, numpy as np
+    >>> d = tempfile.mkdtemp()
+    >>> specs = write_layer_file(f"{d}/l.msgpack", "l", 64, [("w", np.ones(3, np.int32))])
+    >>> specs[0].offset_bytes % 64, specs[0].crc32
+    (0, '9466edfb')
+    """
+    sources = _sources(tensors, layer_name)
+    layout = plan_layout(layer_name, alignment, [(s.name, s.dtype, s.shape) for s in sources])
+    header = pack_header(layer_name, alignment, layout.tensors)
+    done: list[TensorSpec] = []
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            for source, spec in zip(sources, layout.tensors, strict=True):
+                f.write(padding_object(spec.offset_bytes - 5 - f.tell()))
+                f.write(bin32_header(spec.nbytes))
+                if f.tell() != spec.offset_bytes:  # a layout bug, not user input
+                    raise RuntimeError(f"payload of {spec.name!r} at {f.tell()}, planned elsewhere")
+                payload = _payload(source, layer_name)
+                f.write(payload)
+                done.append(dataclasses.replace(spec, crc32=f"{zlib.crc32(payload):08x}"))
+                del payload  # hold one tensor at a time
+            final = pack_header(layer_name, alignment, done)
+            if len(final) != len(header):
+                raise RuntimeError("header changed length when checksums were filled in")
+            f.seek(0)
+            f.write(final)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return tuple(done)
+
+
+def file_stem(index: int, name: str) -> str:
+    """A safe file name stem from a layer's position and name.
+
+    >>> file_stem(3, "blk.3/attn")
+    '03_blk.3_attn'
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:64] or "layer"
+    return f"{index:02d}_{safe}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; durability is best-effort
+        pass
+    finally:
+        os.close(fd)
+
+
+class ModelWriter:
+    """Writes a model directory: weight files as layers are added, then the manifest.
+
+    >>> import tempfile, numpy as np
+    >>> from edgemind.weights import InputSpec, load_manifest
+    >>> out = tempfile.mkdtemp() + "/toy"
+    >>> with ModelWriter(out, "toy", [InputSpec("x", "float32", ("batch", 4))]) as w:
+    ...     _ = w.add_layer("dense0", "dense", {"units": 4}, [("w", np.eye(4, dtype="float32"))])
+    >>> load_manifest(out).layers[0].file
+    'layers/00_dense0.msgpack'
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        model_name: str,
+        inputs: Sequence[InputSpec],
+        *,
+        alignment_bytes: int = 4096,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if alignment_bytes < 64 or alignment_bytes & (alignment_bytes - 1):
+            raise ModelFormatError(
+                f"alignment_bytes {alignment_bytes} must be a power of two >= 64"
+            )
+        if not inputs:
+            raise ModelFormatError(f"model {model_name!r}: give at least one InputSpec")
+        self.out_dir = Path(out_dir)
+        self.model_name = model_name
+        self.inputs = tuple(inputs)
+        self.alignment_bytes = alignment_bytes
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self._layers: list[LayerSpec] = []
+        self._tmp: Path | None = None
+        self._check_target()
+
+    def _check_target(self) -> None:
+        if self.out_dir.exists() or self.out_dir.is_symlink():
+            if not self.overwrite:
+                raise ModelFormatError(
+                    f"{self.out_dir}: already exists; choose another directory or pass "
+                    f"overwrite=True"
+                )
+            if not self.out_dir.is_dir():
+                raise ModelFormatError(f"{self.out_dir}: exists and is not a directory")
+
+    def __enter__(self) -> ModelWriter:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{self.out_dir.name}.partial-"
+        self._tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out_dir.parent))
+        (self._tmp / "layers").mkdir()
+        self._layers = []
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if kind is None:
+                self._commit()
+        finally:
+            if self._tmp is not None and self._tmp.exists():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def add_layer(
+        self,
+        name: str,
+        kind: str,
+        config: Mapping[str, Any],
+        tensors: Sequence[TensorLike],
+        exit_head: ExitHead | None = None,
+    ) -> LayerSpec:
+        """Write one layer's file (and its exit head's) now; returns its LayerSpec."""
+        if self._tmp is None:
+            raise ModelFormatError(
+                "ModelWriter.add_layer must be called inside `with ModelWriter(...)`"
+            )
+        if not isinstance(name, str) or not name:
+            raise ModelFormatError(f"layer name {name!r} must be a non-empty string")
+        if any(layer.name == name for layer in self._layers):
+            raise ModelFormatError(f"layer {name!r} is added twice; layer names must be unique")
+        index = len(self._layers)
+        stem = file_stem(index, name)
+        head = None
+        if exit_head is not None:
+            head_name, head_kind, head_config, head_tensors = exit_head
+            head_stem = file_stem(index, head_name)
+            head_stem = f"{head_stem}_exit" if head_stem == stem else head_stem
+            head = self._write(head_name, head_kind, head_config, head_tensors, head_stem)
+        layer = dataclasses.replace(self._write(name, kind, config, tensors, stem), exit_head=head)
+        self._layers.append(layer)
+        return layer
+
+    def _write(
+        self,
+        name: str,
+        kind: str,
+        config: Mapping[str, Any],
+        tensors: Sequence[TensorLike],
+        stem: str,
+    ) -> LayerSpec:
+        assert self._tmp is not None
+        try:
+            config = json.loads(json.dumps(dict(config)))
+        except (TypeError, ValueError) as exc:
+            raise ModelFormatError(
+                f"layer {name!r}: config is not JSON-serialisable ({exc})"
+            ) from None
+        file = f"layers/{stem}.msgpack"
+        specs = write_layer_file(self._tmp / file, name, self.alignment_bytes, tensors)
+        return LayerSpec(name, kind, MappingProxyType(config), file, specs)
+
+    def _commit(self) -> None:
+        assert self._tmp is not None
+        manifest = Manifest(
+            model_name=self.model_name,
+            alignment_bytes=self.alignment_bytes,
+            inputs=self.inputs,
+            layers=tuple(self._layers),
+            metadata=MappingProxyType(self.metadata),
+        )
+        try:
+            text = manifest.dumps()
+        except (TypeError, ValueError) as exc:
+            raise ModelFormatError(
+                f"model {self.model_name!r}: metadata is not JSON-serialisable ({exc})"
+            ) from None
+        # validated exactly as a reader will parse it
+        manifest_from_json(json.loads(text), f"{self.out_dir / MANIFEST_NAME} (being written)")
+        with open(self._tmp / MANIFEST_NAME, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self._tmp / "layers")
+        _fsync_dir(self._tmp)
+        self._check_target()
+        old = None
+        if self.out_dir.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent)
+            )
+            os.replace(self.out_dir, old / "model")
+        os.replace(self._tmp, self.out_dir)
+        self._tmp = None
+        _fsync_dir(self.out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
