@@ -21,36 +21,16 @@ import jax
 import numpy as np
 
 from edgemind.errors import EdgemindError, MemoryQuotaExceeded
+from edgemind.layers.cost import gathered_tensors, param_structs
 from edgemind.layers.registry import jitted
 from edgemind.planner.plan import Buffer, Plan
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
+from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
 from edgemind.weights.reader import read_rows_into, read_tensors_into
 
 Compiled = Callable[[Mapping[str, Any], Any, Mapping[str, Any]], jax.Array]
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype of a manifest dtype name (bfloat16 through ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def gathered_tensors(spec: LayerSpec) -> tuple[str, ...]:
-    """Tensors of which a request reads only the rows its token ids select."""
-    return tuple(spec.config.get("gathered", ()))
-
-
-def tensor_request_shape(spec: LayerSpec, name: str, chain_shape: tuple[int, ...]) -> tuple:
-    """Shape of tensor ``name`` as a request holds it: gathered tables hold one row per id."""
-    tensor = spec.tensor(name)
-    if name in gathered_tensors(spec):
-        return (int(np.prod(chain_shape)), *tensor.shape[1:])
-    return tensor.shape
 
 
 class Executor:
@@ -78,6 +58,7 @@ class Executor:
         self._pinned = [b for b in plan.buffers if b.role == "pinned"]
         self._pinned_loaded = False
         self._fns: dict[str, Compiled] = {}
+        self._rows = int(np.prod(plan.input_shape))  # ids a gathered table is read for
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
         self.arena: Arena | None = Arena(plan.arena_bytes)
 
@@ -103,15 +84,15 @@ class Executor:
             nbytes += read_tensors_into(self.model_dir, spec, dests, verify=self.verify)
         return time.perf_counter() - start, nbytes
 
-    def _params(self, buf: Buffer, chain_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    def _params(self, buf: Buffer) -> dict[str, np.ndarray]:
+        """Typed views of a weights buffer's tensors, shaped as ``apply`` takes them."""
         assert self.arena is not None
-        spec = self._specs[buf.layer]
+        structs = param_structs(self._specs[buf.layer], self._rows)
         params = {}
         for slot in buf.tensors:
-            tensor = spec.tensor(slot.name)
-            shape = tensor_request_shape(spec, slot.name, chain_shape)
             view = self.arena.view((buf.offset_bytes or 0) + slot.offset_bytes, slot.nbytes)
-            params[slot.name] = view.view(numpy_dtype(tensor.dtype)).reshape(shape)
+            sds = structs[slot.name]
+            params[slot.name] = view.view(numpy_dtype(str(sds.dtype))).reshape(sds.shape)
         return params
 
     def _load_pinned(self, ids: np.ndarray | None) -> dict[str, tuple[float, int]]:
@@ -165,7 +146,7 @@ class Executor:
                 if step.action == "run":
                     if step.weights in pending:
                         loads[step.layer] = pending.pop(step.weights).result()
-                    compute[step.layer], output = self._run_step(step, x.shape, ctx, acts)
+                    compute[step.layer], output = self._run_step(step, ctx, acts)
                 for bid in step.frees:
                     if arena.is_live(bid):
                         arena.release(bid)
@@ -213,12 +194,12 @@ class Executor:
         dtype, shape = acts[bid]
         return self._view(self.plan.buffers[bid].offset_bytes or 0, dtype, shape)
 
-    def _run_step(self, step, chain_shape, ctx, acts) -> tuple[float, np.ndarray | None]:
+    def _run_step(self, step, ctx, acts) -> tuple[float, np.ndarray | None]:
         assert step.input is not None
         spec = self._specs[step.layer]
         params = {}
         if step.weights is not None:
-            params = self._params(self.plan.buffers[step.weights], chain_shape)
+            params = self._params(self.plan.buffers[step.weights])
         start = time.perf_counter()
         out = self._fn(spec)(params, self._activation(step.input, acts), ctx)
         out.block_until_ready()  # the views may be overwritten after this step

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgemind.errors import InputError
+from edgemind.layers.cost import gathered_tensors
 from edgemind.layers.registry import get_kind, jitted
-from edgemind.runtime.executor import gathered_tensors
 from edgemind.weights.manifest import LayerSpec, Manifest, load_manifest
 from edgemind.weights.reader import load_layer_arrays
 

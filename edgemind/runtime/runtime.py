@@ -23,10 +23,11 @@ from edgemind.layers.cost import cost_table
 from edgemind.planner import make_plan
 from edgemind.planner.plan import CostTable, Plan
 from edgemind.policy import Policy, load_policy
-from edgemind.runtime.executor import Executor, numpy_dtype
+from edgemind.runtime.executor import Executor
 from edgemind.runtime.memory import PeakRssMeter
 from edgemind.runtime.report import Result
 from edgemind.units import MIB, format_bytes
+from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import InputSpec, Manifest, load_manifest
 
 
