@@ -71,11 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="recompute every checksum")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
+    convert = sub.add_parser("convert", help="convert a safetensors checkpoint (BERT encoders)")
+    convert.add_argument("src", metavar="CHECKPOINT_DIR", help="config.json + *.safetensors")
+    convert.add_argument("out", metavar="MODEL_DIR", help="the edgemind model directory to write")
+    convert.add_argument("--name", help="model name (default: the checkpoint folder's name)")
+    convert.add_argument(
+        "--alignment-bytes",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="payload alignment in the weight files (default 4096)",
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace MODEL_DIR if present")
+
     plan = sub.add_parser("plan", parents=[_policy_flags()], help="print the memory plan")
     plan.add_argument("model_dir", metavar="MODEL_DIR")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--out", metavar="PLAN", help="write the plan file (plan.msgpack)")
     plan.add_argument("--buffers", action="store_true", help="also list every buffer")
+    plan.add_argument(
+        "--plot", metavar="PNG", help="draw the residency timeline (needs matplotlib)"
+    )
 
     run = sub.add_parser("run", parents=[_policy_flags()], help="run a model on an input")
     run.add_argument("model_dir", metavar="MODEL_DIR")
@@ -88,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repeat", type=int, default=1, metavar="N", help="run N requests")
     run.add_argument("--verify", action="store_true", help="check payload checksums as read")
     run.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    run.add_argument("--plot", metavar="PNG", help="draw the timeline with observed usage")
     metrics = run.add_argument_group("metrics")
     metrics.add_argument(
         "--metrics-addr",
@@ -122,7 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2)
         return int(exc.code or 0)
-    commands = {"inspect": _cmd_inspect, "plan": _cmd_plan, "run": _cmd_run}
+    commands = {
+        "inspect": _cmd_inspect,
+        "convert": _cmd_convert,
+        "plan": _cmd_plan,
+        "run": _cmd_run,
+    }
     try:
         return commands[args.command](args)
     except MemoryQuotaExceeded as exc:
@@ -192,6 +214,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from edgemind.units import format_bytes
+    from edgemind.weights.convert import convert_safetensors
+    from edgemind.weights.manifest import load_manifest
+
+    out = convert_safetensors(
+        args.src,
+        args.out,
+        alignment_bytes=args.alignment_bytes,
+        overwrite=args.overwrite,
+        model_name=args.name,
+    )
+    manifest = load_manifest(out)
+    print(
+        f"converted {args.src} -> {out}: {manifest.model_name}, {len(manifest.layers)} layers, "
+        f"{manifest.num_levels} exit levels, {format_bytes(manifest.nbytes)}"
+    )
+    return EXIT_OK
+
+
 def _plan_exit(plan: Any) -> int:
     return {"feasible": EXIT_OK, "early_exit": EXIT_EARLY_EXIT}.get(plan.status, EXIT_INFEASIBLE)
 
@@ -205,6 +247,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = runtime.plan(**_dims(args))
     if args.out:
         save_plan(plan, args.out)
+    if args.plot:
+        from edgemind.viz import save_timeline
+
+        save_timeline(plan, args.plot)
     if args.json:
         print(json.dumps(plan_dict(plan), indent=1))
     else:
@@ -254,17 +300,21 @@ def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int
     from edgemind.report_text import format_report, report_dict
 
     dims = _dims(args)
-    x = _load_input(runtime.manifest, args.input, args.seed, dims)
+    inputs = _load_input(runtime.manifest, args.input, args.seed, dims)
     if args.plan:
+        from edgemind.runtime.runtime import dims_of
+
         plan = load_plan(args.plan)
-        check_plan_matches(plan, runtime.manifest.digest(), runtime.policy.digest(), x.shape)
-        runtime.use_plan(plan, **dims)
+        check_plan_matches(
+            plan, runtime.manifest.digest(), runtime.policy.digest(), inputs[0].shape
+        )
+        runtime.use_plan(plan, **dims_of(runtime.manifest, inputs))
     result = None
     try:
         for _ in range(args.repeat):
             start = time.perf_counter()
             try:
-                result = runtime.run(x)
+                result = runtime.run(*inputs)
             except MemoryQuotaExceeded as exc:
                 latency = time.perf_counter() - start
                 metrics.observe_rejection(exc, getattr(exc, "plan", None), latency_s=latency)
@@ -277,6 +327,10 @@ def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int
     if args.output and result.output is not None:
         _save_output(args.output, np.asarray(result.output))
     plan = runtime.last_plan
+    if args.plot:
+        from edgemind.viz import save_timeline
+
+        save_timeline(plan, args.plot, result.report)
     count = metrics.quota_exceeded_count
     if args.json:
         print(json.dumps(report_dict(result.report, plan, quota_exceeded_count=count), indent=1))
@@ -285,28 +339,40 @@ def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int
     return EXIT_OK if result.complete else EXIT_EARLY_EXIT
 
 
-def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> Any:
-    """The request input: a .npy file, or seeded random values of the planned shape."""
+def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> tuple:
+    """The request's inputs: from a .npy (one input) or .npz (named inputs) file, or seeded
+    random values of the planned shape (other inputs, such as a mask, all ones)."""
     import numpy as np
 
-    from edgemind.errors import InputError
+    from edgemind.errors import InputError, ModelFormatError
 
-    spec = manifest.inputs[0]
     if path is None:
-        from edgemind.errors import ModelFormatError
-
-        try:
-            shape = spec.concrete_shape(dims)
-        except ModelFormatError as exc:
-            raise InputError(str(exc)) from None
         rng = np.random.default_rng(seed)
-        if np.dtype(spec.dtype).kind in "iu":
-            return rng.integers(0, 100, size=shape).astype(spec.dtype)
-        return rng.standard_normal(shape).astype(spec.dtype)
+        arrays = []
+        for i, spec in enumerate(manifest.inputs):
+            try:
+                shape = spec.concrete_shape(dims)
+            except ModelFormatError as exc:
+                raise InputError(str(exc)) from None
+            if i:
+                arrays.append(np.ones(shape, spec.dtype))
+            elif np.dtype(spec.dtype).kind in "iu":
+                arrays.append(rng.integers(0, 100, size=shape).astype(spec.dtype))
+            else:
+                arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+        return tuple(arrays)
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise InputError(f"--input {path}: cannot read a .npy array ({exc})") from None
+        raise InputError(f"--input {path}: cannot read a .npy/.npz array ({exc})") from None
+    if isinstance(loaded, np.ndarray):
+        return (loaded,)
+    with loaded:
+        names = [spec.name for spec in manifest.inputs]
+        missing = [n for n in names if n not in loaded.files]
+        if missing:
+            raise InputError(f"--input {path}: missing arrays {missing}; expected {names}")
+        return tuple(loaded[n] for n in names)
 
 
 def _save_output(path: str, array: Any) -> None:

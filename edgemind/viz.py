@@ -55,10 +55,7 @@ _LOADING_LABEL = "being read from disk"
 
 def _matplotlib() -> Any:
     """The ``matplotlib.figure`` module, or a one-line error saying how to install it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)  # never open a window from a library call
+    try:  # Figure without pyplot: no backend, no window, no global figure registry
         from matplotlib import figure
     except ImportError as exc:
         raise EdgemindError("plotting needs matplotlib: pip install 'edgemind[viz]'") from exc
@@ -110,20 +107,25 @@ def describe_peak(plan: Plan) -> str:
 
 
 def _verdict(plan: Plan) -> str:
-    cap = format_bytes(plan.capacity_bytes)
+    """What happens to the request, and why, in a few words."""
+    need = format_bytes(plan.min_capacity_bytes) if plan.min_capacity_bytes else "more"
     if plan.status == "infeasible":
-        need = format_bytes(plan.min_capacity_bytes) if plan.min_capacity_bytes else "more"
-        return f"REJECTED: needs {need}, capacity {cap}"
-    head = f"capacity {cap}, plan peak {format_bytes(plan.peak_bytes)}, "
-    head += f"headroom {format_bytes(plan.headroom_bytes)}"
+        return f"REJECTED: the complete run needs {need}"
     if plan.status == "early_exit":
-        return f"EARLY EXIT at level {plan.exit_level} of {plan.num_levels}; {head}"
-    return f"complete run; {head}"
+        level = f"{plan.exit_level} of {plan.num_levels}"
+        return f"EARLY EXIT at level {level} (the complete run needs {need})"
+    return "complete run"
 
 
 def _default_title(plan: Plan) -> str:
     shape = "×".join(str(d) for d in plan.input_shape)
-    return f"{plan.model_name}, input {shape}\n{_verdict(plan)}"
+    cap = format_bytes(plan.capacity_bytes)
+    if plan.status == "infeasible":
+        figures = f"capacity {cap}: no exit level fits"
+    else:
+        figures = f"capacity {cap}, plan peak {format_bytes(plan.peak_bytes)}, "
+        figures += f"headroom {format_bytes(plan.headroom_bytes)}"
+    return f"{plan.model_name}, input {shape}: {_verdict(plan)}\n{figures}"
 
 
 def _y_top(plan: Plan) -> float:
@@ -190,19 +192,20 @@ def _draw_working_set(ax: Axes, plan: Plan, spans: Sequence[tuple[float, float]]
     band = max(_mib(plan.peak_bytes - plan.arena_bytes), visible)
     color = ROLE_STYLE["working_set"][1]
     ws = format_bytes(plan.peak_bytes - plan.arena_bytes)
-    label = f"XLA working set (outside arena), up to {ws}"
+    label = f"XLA working set (outside arena): up to {ws}"
     x_all = (spans[0][0], spans[-1][1])
     _box(ax, x_all, base, band, color=color, alpha=0.25, hatch="////", ec=color, lw=0, label=label)
     for buf in plan.buffers:
         if buf.offset_bytes is None and buf.nbytes:
             h = max(_mib(buf.nbytes), visible)
             _box(ax, _buffer_span(buf, spans), base, h, color=color, hatch="////", lw=0)
-    ax.axhline(base, color="black", lw=0.8, label=f"arena extent {format_bytes(plan.arena_bytes)}")
+    ax.axhline(base, color="black", lw=0.8, label=f"arena extent: {format_bytes(plan.arena_bytes)}")
 
 
 def _draw_capacity(ax: Axes, plan: Plan, x_right: float) -> None:
     cap = _mib(plan.capacity_bytes)
-    ax.axhspan(cap, _y_top(plan), color=CAPACITY_COLOR, alpha=0.06, lw=0)
+    # up to "infinity": the y limits are fixed already, and a caller may raise them later
+    ax.axhspan(cap, cap + 1e6, color=CAPACITY_COLOR, alpha=0.06, lw=0, label="over capacity")
     ax.axhline(cap, color=CAPACITY_COLOR, lw=2, ls="--", label="capacity")
     ax.text(
         x_right,
@@ -218,7 +221,7 @@ def _draw_capacity(ax: Axes, plan: Plan, x_right: float) -> None:
     )
     if plan.status == "infeasible" and plan.min_capacity_bytes:
         need = format_bytes(plan.min_capacity_bytes)
-        label = f"capacity the complete run needs ({need})"
+        label = f"capacity the complete run needs: {need}"
         ax.axhline(_mib(plan.min_capacity_bytes), color="black", lw=1, ls=":", label=label)
 
 
@@ -227,12 +230,13 @@ def _mark_peak(ax: Axes, plan: Plan, spans: Sequence[tuple[float, float]]) -> No
     index = peak_step(plan)
     x0, x1 = spans[index]
     ax.axvspan(x0, x1, color=PEAK_COLOR, alpha=0.35, lw=0, zorder=0, label="peak step")
-    top, cap = _mib(plan.steps[index].live_bytes), _mib(plan.capacity_bytes)
-    if plan.status != "infeasible":
-        top = _mib(plan.peak_bytes)
+    # a plan that fits is bounded by peak_bytes; one that does not, by its worst step
+    top_bytes = plan.peak_bytes if plan.feasible else plan.steps[index].live_bytes
+    top, cap = _mib(top_bytes), _mib(plan.capacity_bytes)
     xm = (x0 + x1) / 2
-    ax.annotate("", (xm, cap), (xm, top), arrowprops={"arrowstyle": "<->", "lw": 1.5})
-    gap = plan.capacity_bytes - int(top * MIB)
+    if abs(cap - top) * _px_per_unit(ax)[1] > 12:  # an arrow shorter than its heads is noise
+        ax.annotate("", (xm, cap), (xm, top), arrowprops={"arrowstyle": "<->", "lw": 1.5})
+    gap = plan.capacity_bytes - top_bytes
     what = f"headroom {format_bytes(gap)}" if gap >= 0 else f"short by {format_bytes(-gap)}"
     y_text = max(top, cap) + 0.04 * _y_top(plan)
     right = xm < (spans[0][0] + spans[-1][1]) / 2
@@ -260,7 +264,7 @@ def _layer_ticks(ax: Axes, plan: Plan, spans: Sequence[tuple[float, float]]) -> 
             labels.append(text)
     top.set_xticks(ticks, labels, fontsize=7)
     top.tick_params(length=0)
-    top.set_xlabel("layer run at each step", fontsize=8)
+    top.set_xlabel("what each step does: run a layer, or load its weights", fontsize=8)
 
 
 def _set_x(ax: Axes, spans: Sequence[tuple[float, float]], time_axis: TimeAxis) -> None:
@@ -292,29 +296,54 @@ def draw_timeline(
 # legend entries in reading order: limits first, then roles in ROLE_STYLE order
 _LEGEND_ORDER = (
     "capacity",
+    "over capacity",
     "peak step",
-    *(label for label, _ in ROLE_STYLE.values()),
+    *(ROLE_STYLE[role][0] for role in ("pinned", "weights", "prefetch")),
     _LOADING_LABEL,
-    "arena",
+    ROLE_STYLE["activation"][0],
     "XLA",
+    "arena",
+    "lower bound",
+    "observed",
 )
 
 
-def _legend(ax: Axes, **kwargs: Any) -> None:
+def legend_entries(*axes: Axes, values: bool = True) -> tuple[list[Any], list[str]]:
+    """The unique legend handles and labels of ``axes``, in reading order.
+
+    With ``values=False`` labels drop their ``": 45.1 MiB"`` suffix, so panels of several
+    plans can share one legend: ``fig.legend(*legend_entries(*axes, values=False))``.
+    """
     from matplotlib.patches import Patch
 
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))  # one entry per role
+    unique: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            unique.setdefault(label if values else label.split(": ")[0], handle)
     if _LOADING_LABEL in unique:  # the overlay is white hatching: show it on grey
         unique[_LOADING_LABEL] = Patch(fc="#9A9A9A", hatch="xx", ec="white", lw=0)
 
     def rank(label: str) -> int:
         return next((i for i, p in enumerate(_LEGEND_ORDER) if label.startswith(p)), 99)
 
-    order = sorted(unique, key=rank)
-    kwargs.setdefault("loc", "upper left")
-    kwargs.setdefault("bbox_to_anchor", (1.01, 1.0))
-    ax.legend([unique[k] for k in order], order, fontsize=8, framealpha=0.9, **kwargs)
+    labels = sorted(unique, key=rank)
+    return [unique[label] for label in labels], labels
+
+
+def _legend(ax: Axes) -> None:
+    ax.legend(*legend_entries(ax), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+
+def _draw_observed(ax: Axes, spans: Sequence[tuple[float, float]], report: RunReport) -> None:
+    """The run's ledger at each step's end, and its peak RSS above the baseline."""
+    used = report.arena_used_bytes_per_step
+    if used:
+        ends = [end for _, end in spans][: len(used)]
+        label = "observed arena use during the step (ledger)"
+        ax.plot(ends, [_mib(u) for u in used], "kD", ms=4, label=label)
+    if report.observed_peak_bytes is not None:
+        label = f"observed peak RSS: {format_bytes(report.observed_peak_bytes)}"
+        ax.axhline(_mib(report.observed_peak_bytes), color="#8E44AD", lw=1.2, ls="-.", label=label)
 
 
 def draw_live(
@@ -349,29 +378,13 @@ def draw_live(
         color="black",
         lw=1,
         ls=":",
-        label=f"lower bound {format_bytes(plan.lower_bound_bytes)}",
+        label=f"lower bound: {format_bytes(plan.lower_bound_bytes)}",
     )
     ax.axvspan(*spans[peak_step(plan)], color=PEAK_COLOR, alpha=0.35, lw=0, zorder=0)
-    if report is not None and report.arena_used_bytes_per_step:
-        used = report.arena_used_bytes_per_step
-        ends = [b for _, b in spans][: len(used)]
-        ax.plot(
-            ends,
-            [_mib(u) for u in used],
-            "kD",
-            ms=4,
-            label="observed arena use, end of step (ledger)",
-        )
-    if report is not None and report.observed_peak_bytes is not None:
-        ax.axhline(
-            _mib(report.observed_peak_bytes),
-            color="#8E44AD",
-            lw=1.2,
-            ls="-.",
-            label=f"observed peak RSS {format_bytes(report.observed_peak_bytes)}",
-        )
+    if report is not None:
+        _draw_observed(ax, spans, report)
     ax.set_ylim(0, _y_top(plan))
-    ax.set_ylabel("live (MiB)")
+    ax.set_ylabel("live bytes (MiB)")
     if legend:
         _legend(ax)
 
@@ -441,6 +454,7 @@ __all__ = [
     "describe_peak",
     "draw_live",
     "draw_timeline",
+    "legend_entries",
     "peak_step",
     "plot_timeline",
     "save_timeline",

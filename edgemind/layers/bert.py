@@ -183,26 +183,38 @@ def encoder_apply(
     hidden: int = 0,
     intermediate: int = 0,
 ) -> jax.Array:
-    """One post-LN BERT block: (batch, seq, hidden) -> (batch, seq, hidden)."""
+    """One post-LN BERT block: (batch, seq, hidden) -> (batch, seq, hidden).
+
+    Attention runs one head at a time (``lax.map``): all heads' scores at once are
+    ``heads * seq**2`` floats, 3 MiB for MiniLM at 256 tokens, and they were the
+    largest XLA temporary. One head's scores cap that scratch at a twelfth, so the
+    256-token plan keeps its prefetch slot in 18 MiB; the numbers are unchanged.
+    """
     del hidden, intermediate
     p = params
     batch, seq, width = x.shape
     head_dim = width // heads
 
-    def split(t: jax.Array) -> jax.Array:  # (batch, seq, width) -> (batch, heads, seq, head_dim)
-        return t.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
+    def split(t: jax.Array) -> jax.Array:  # (batch, seq, width) -> (heads, batch, seq, head_dim)
+        return t.reshape(batch, seq, heads, head_dim).transpose(2, 0, 1, 3)
 
     q = split(x @ p["q_weight"] + p["q_bias"])
     k = split(x @ p["k_weight"] + p["k_bias"])
     v = split(x @ p["v_weight"] + p["v_bias"])
-    scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(head_dim)  # (batch, heads, seq, seq)
-    keep = ctx["attention_mask"][:, None, None, :] > 0
-    scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    attended = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, width)
+    keep = ctx["attention_mask"][:, None, :] > 0  # (batch, 1, seq): padded keys are hidden
+
+    def attend(qkv: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qh, kh, vh = qkv  # (batch, seq, head_dim) each
+        scores = (qh @ kh.transpose(0, 2, 1)) / math.sqrt(head_dim)  # (batch, seq, seq)
+        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+        return jax.nn.softmax(scores, axis=-1) @ vh
+
+    per_head = jax.lax.map(attend, (q, k, v))  # (heads, batch, seq, head_dim)
+    attended = per_head.transpose(1, 2, 0, 3).reshape(batch, seq, width)
     h = _layer_norm(attended @ p["o_weight"] + p["o_bias"] + x, p["ln1_gamma"], p["ln1_beta"], eps)
-    ffn = jax.nn.gelu(h @ p["ffn_in_weight"] + p["ffn_in_bias"], approximate=False)
-    out = ffn @ p["ffn_out_weight"] + p["ffn_out_bias"] + h
+    rows = h.reshape(batch * seq, width)  # 2-D matmuls: XLA's CPU plan needs less scratch
+    ffn = jax.nn.gelu(rows @ p["ffn_in_weight"] + p["ffn_in_bias"], approximate=False)
+    out = (ffn @ p["ffn_out_weight"]).reshape(batch, seq, width) + p["ffn_out_bias"] + h
     return _layer_norm(out, p["ln2_gamma"], p["ln2_beta"], eps)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from edgemind.errors import ModelFormatError
 from edgemind.layers.registry import freeze_config, get_kind, jitted
 from edgemind.planner.plan import CostTable, ExitCost, UnitCost
-from edgemind.weights.manifest import DTYPES, LayerSpec, Manifest
+from edgemind.weights.manifest import DTYPES, LayerSpec, Manifest, all_layer_specs
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per array
 
@@ -101,17 +101,26 @@ def _structs(sig: Signature) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 @functools.cache
+def _compile(
+    kind: str, config: tuple[tuple[str, Any], ...], params: Signature, x: Signature, ctx: Signature
+) -> jax.stages.Compiled:
+    """The XLA executable of one signature: compiled once, then costed and run."""
+    args = (_structs(params), _structs(x)["x"], _structs(ctx))
+    return jitted(kind, dict(config)).lower(*args).compile()
+
+
+@functools.cache
 def _analyse(
     kind: str, config: tuple[tuple[str, Any], ...], params: Signature, x: Signature, ctx: Signature
 ) -> tuple[jax.ShapeDtypeStruct, int]:
-    """Output struct and working-set bytes of one signature; lowered and compiled once."""
+    """Output struct and working-set bytes of one signature."""
     fn = jitted(kind, dict(config))
     args = (_structs(params), _structs(x)["x"], _structs(ctx))
     out = jax.eval_shape(fn, *args)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ModelFormatError(f"layer kind {kind!r} must return one array, got {out!r}")
     out_bytes = struct_nbytes(out)
-    stats = fn.lower(*args).compile().memory_analysis()
+    stats = _compile(kind, config, params, x, ctx).memory_analysis()
     if stats is None:  # a backend without memory statistics: the output is all we know
         return out, out_bytes
     xla_bytes = stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
@@ -174,6 +183,28 @@ def unit_cost(
     tensors = tuple((name, struct_nbytes(sds)) for name, sds in params.items())
     cost = UnitCost(spec.name, spec.kind, tensors, struct_nbytes(out), working_set_bytes)
     return cost, out
+
+
+def compiled_units(
+    manifest: Manifest, dims: Mapping[str, int], units: Sequence[str]
+) -> dict[str, jax.stages.Compiled]:
+    """The executables of a chain of units (a plan's ``units``) for one input shape.
+
+    They are the very executables :func:`cost_table` compiled and measured, so running
+    them compiles nothing and their working sets are the ones the plan counted.
+    """
+    specs = {s.name: s for s in all_layer_specs(manifest)}
+    structs = input_structs(manifest, dims)
+    x, rows = structs[0], math.prod(structs[0].shape)
+    ctx = _signature({s.name: a for s, a in zip(manifest.inputs[1:], structs[1:], strict=True)})
+    compiled = {}
+    for name in units:
+        spec = specs[name]
+        params = _signature(param_structs(spec, rows))
+        key = (spec.kind, freeze_config(spec.config), params, _signature({"x": x}), ctx)
+        compiled[name] = _compile(*key)
+        x = _analyse(*key)[0]
+    return compiled
 
 
 def cost_table(manifest: Manifest, dims: Mapping[str, int]) -> CostTable:

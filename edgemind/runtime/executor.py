@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from edgemind.errors import EdgemindError, MemoryQuotaExceeded
-from edgemind.layers.cost import gathered_tensors, param_structs
-from edgemind.layers.registry import jitted
+from edgemind.layers.cost import compiled_units, gathered_tensors, param_structs
 from edgemind.planner.plan import Buffer, Plan
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
 from edgemind.weights.format import numpy_dtype
-from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
+from edgemind.weights.manifest import Manifest, all_layer_specs
 from edgemind.weights.reader import read_rows_into, read_tensors_into
-
-Compiled = Callable[[Mapping[str, Any], Any, Mapping[str, Any]], jax.Array]
 
 
 class Executor:
@@ -41,23 +37,23 @@ class Executor:
         model_dir: str | Path,
         manifest: Manifest,
         plan: Plan,
+        dims: Mapping[str, int],
         *,
         verify: bool = False,
-        input_dtype: str | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.plan = plan
         self.verify = verify
         self._specs = {spec.name: spec for spec in all_layer_specs(manifest)}
-        self._input_dtype = numpy_dtype(input_dtype or manifest.inputs[0].dtype)
         self._born: dict[int, list[Buffer]] = {}
         for buf in plan.buffers:
             if buf.offset_bytes is not None and buf.role != "pinned":
                 self._born.setdefault(buf.first_step, []).append(buf)
         self._pinned = [b for b in plan.buffers if b.role == "pinned"]
         self._pinned_loaded = False
-        self._fns: dict[str, Compiled] = {}
+        # compiled when the plan was costed: running them compiles nothing
+        self._fns = compiled_units(manifest, dims, plan.units)
         self._rows = int(np.prod(plan.input_shape))  # ids a gathered table is read for
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
         self.arena: Arena | None = Arena(plan.arena_bytes)
@@ -107,12 +103,6 @@ class Executor:
 
     # ------------------------------------------------------------------ running
 
-    def _fn(self, spec: LayerSpec) -> Compiled:
-        fn = self._fns.get(spec.name)
-        if fn is None:
-            fn = self._fns[spec.name] = jitted(spec.kind, spec.config)
-        return fn
-
     def run(self, x: np.ndarray, context: Mapping[str, np.ndarray]) -> Result:
         """Execute the plan on ``x`` (already validated), returning output and report."""
         if self.arena is None:
@@ -147,10 +137,10 @@ class Executor:
                     if step.weights in pending:
                         loads[step.layer] = pending.pop(step.weights).result()
                     compute[step.layer], output = self._run_step(step, ctx, acts)
+                usage.append(arena.live_bytes)  # everything the step holds, before its frees
                 for bid in step.frees:
                     if arena.is_live(bid):
                         arena.release(bid)
-                usage.append(arena.live_bytes)
                 ends.append(time.perf_counter() - started)
         except BaseException:
             self._drain(pending)
@@ -201,7 +191,7 @@ class Executor:
         if step.weights is not None:
             params = self._params(self.plan.buffers[step.weights])
         start = time.perf_counter()
-        out = self._fn(spec)(params, self._activation(step.input, acts), ctx)
+        out = self._fns[spec.name](params, self._activation(step.input, acts), ctx)
         out.block_until_ready()  # the views may be overwritten after this step
         seconds = time.perf_counter() - start
         if step.output is None:

@@ -47,6 +47,9 @@ def reset_peak_rss() -> bool:
 class PeakRssMeter:
     """Peak RSS above a baseline taken at construction (after warm-up).
 
+    Call :meth:`reset_peak` before each measured stretch (a request): the kernel's
+    high-water mark then covers only that stretch, still measured from the baseline.
+
     >>> meter = PeakRssMeter()
     >>> meter.peak_above_baseline() is None or meter.peak_above_baseline() >= 0
     True
@@ -58,8 +61,38 @@ class PeakRssMeter:
         self.baseline_bytes = sample.rss_bytes if sample else 0
         self.enabled = sample is not None
 
+    def reset_peak(self) -> None:
+        if self.enabled:
+            reset_peak_rss()
+
     def peak_above_baseline(self) -> int | None:
         if not self.enabled:
             return None
         sample = sample_rss()
         return None if sample is None else max(0, sample.hwm_bytes - self.baseline_bytes)
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(count: int = 1) -> bool:
+    """Ask glibc to keep at most ``count`` malloc arenas; False where unsupported.
+
+    XLA runs each call on worker threads; glibc gives threads their own arenas, and
+    memory freed in one is not reused by another, so a streaming loop's RSS creeps up
+    by several MiB above what is live. One arena makes freed output and scratch memory
+    reusable at once (measured on the toy model at batch 64: observed peak +5.7 MiB above
+    the plan without this, about +2 to +3 MiB with it). Only arenas created after the
+    call are affected.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_ARENA_MAX, count))
+    except (OSError, AttributeError):
+        return False

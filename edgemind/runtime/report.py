@@ -39,7 +39,7 @@ class RunReport:
     bytes_read: int  # weight bytes read from disk in this request
     latency_s: float  # the whole request, wall time
     layers: tuple[LayerTiming, ...] = ()
-    arena_used_bytes_per_step: tuple[int, ...] = ()  # ledger's live bytes at each plan step
+    arena_used_bytes_per_step: tuple[int, ...] = ()  # ledger's bytes during each step (pre-free)
     step_end_s: tuple[float, ...] = ()  # seconds since the request began, at each step's end
     quota_exceeded: bool = False  # the complete run did not fit (early exit or rejection)
 

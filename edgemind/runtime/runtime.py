@@ -24,7 +24,7 @@ from edgemind.planner import make_plan
 from edgemind.planner.plan import CostTable, Plan
 from edgemind.policy import Policy, load_policy
 from edgemind.runtime.executor import Executor
-from edgemind.runtime.memory import PeakRssMeter
+from edgemind.runtime.memory import PeakRssMeter, limit_malloc_arenas
 from edgemind.runtime.report import Result
 from edgemind.units import MIB, format_bytes
 from edgemind.weights.format import numpy_dtype
@@ -107,6 +107,7 @@ class Runtime:
         self._plans: dict[tuple[tuple[str, int], ...], Plan] = {}
         self._executor: Executor | None = None
         self.last_plan: Plan | None = None  # the plan of the latest request
+        self._meter: PeakRssMeter | None = None
 
     @classmethod
     def open(
@@ -117,6 +118,7 @@ class Runtime:
     ) -> Runtime:
         """Open ``model_dir`` (validating its manifest) under a policy or policy file."""
         manifest = load_manifest(model_dir)
+        limit_malloc_arenas()  # predictable RSS: see runtime.memory
         if not isinstance(policy, Policy):
             policy = load_policy(policy, overrides=overrides)
         elif overrides:
@@ -165,21 +167,25 @@ class Runtime:
             )
             error.plan = plan  # type: ignore[attr-defined]
             raise error
-        executor = self._executor_for(plan)
+        executor = self._executor_for(plan, dims)
         ctx = {spec.name: arr for spec, arr in zip(self.manifest.inputs[1:], context, strict=True)}
-        meter = PeakRssMeter()
+        assert self._meter is not None
+        self._meter.reset_peak()
         result = executor.run(x, ctx)
-        observed = meter.peak_above_baseline()
+        observed = self._meter.peak_above_baseline()
         report = dataclasses.replace(result.report, observed_peak_bytes=observed)
         return Result(result.output, result.complete, result.exit_level, report)
 
-    def _executor_for(self, plan: Plan) -> Executor:
+    def _executor_for(self, plan: Plan, dims: dict[str, int]) -> Executor:
         current = self._executor
         if current is not None and current.plan is plan and current.arena is not None:
             return current
         self.close()  # one arena at a time: the old one goes before the new one comes
+        # The baseline is taken warmed up (the plan's costing compiled every unit) and
+        # before the arena's pages are touched: model memory is what rises above it.
+        self._meter = PeakRssMeter()
         self._executor = Executor(
-            self.model_dir, self.manifest, plan, verify=self.policy.verify_checksums
+            self.model_dir, self.manifest, plan, dims, verify=self.policy.verify_checksums
         )
         return self._executor
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,17 @@ class _Checkpoint:
             self._open[file] = _open(self.src / file, safe_open)
         return self._open[file]
 
-    def check(self, unit: str, t: _Tensor) -> None:
-        """Raise a ConversionError unless ``t`` is present with the right shape and dtype."""
+    def check(self, unit: str, t: _Tensor, unclaimed: Collection[str] = ()) -> None:
+        """Raise a ConversionError unless ``t`` is present with the right shape and dtype.
+
+        ``unclaimed``: checkpoint names no expected tensor has; a renamed tensor is
+        among them, so the hint looks there first (else ``layer.5.key`` would suggest
+        ``layer.4.key``, which is present and fine).
+        """
         f = self.handle(t.source) if t.source in self.names else None
         if f is None or t.source not in set(f.keys()):
-            close = difflib.get_close_matches(t.source, list(self.names), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(t.source, list(unclaimed), n=3, cutoff=0.6)
+            close = close or difflib.get_close_matches(t.source, list(self.names), n=3, cutoff=0.6)
             hint = f"; similar names: {close}" if close else ""
             raise ConversionError(
                 f"{self.where(t.source)}: tensor {t.source!r} (edgemind {unit}.{t.name}) is "
@@ -297,10 +303,11 @@ def convert_safetensors(
         (unit, kind, [dataclasses.replace(t, source=prefix + t.source) for t in tensors])
         for unit, kind, tensors in _bert_units(cfg)
     ]
+    used = {t.source for _, _, tensors in units for t in tensors}
+    unclaimed = sorted(set(names) - used)
     for unit, _, tensors in units:  # everything is checked before anything is written
         for t in tensors:
-            ckpt.check(unit, t)
-    used = {t.source for _, _, tensors in units for t in tensors}
+            ckpt.check(unit, t, unclaimed)
     files = [name for name in SIDE_FILES if (src / name).is_file()]
     total = sum(math.prod(t.shape) * 4 for _, _, tensors in units for t in tensors)
     configs = kind_configs(cfg)
@@ -308,7 +315,7 @@ def convert_safetensors(
         InputSpec("input_ids", "int32", ("batch", "seq")),
         InputSpec("attention_mask", "int32", ("batch", "seq")),
     ]
-    metadata = _metadata(src, cfg, files, sorted(set(names) - used))
+    metadata = _metadata(src, cfg, files, unclaimed)
     disable = None if progress is None else not progress
     with (
         tqdm(
