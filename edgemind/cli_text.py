@@ -20,7 +20,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     for row in rows:
         cells = [
-            c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)
+            c.rjust(w) if c.lstrip("-")[:1].isdigit() else c.ljust(w)  # numbers right
             for c, w in zip(row, widths, strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
@@ -119,7 +119,6 @@ def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = Fal
     rows = []
     for step in plan.steps:
         loads = ", ".join(plan.buffers[b].layer for b in step.loads) or "-"
-        mark = "  <- peak" if step is peak_step else ""
         rows.append(
             (
                 str(step.index),
@@ -128,7 +127,8 @@ def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = Fal
                 loads,
                 format_bytes(step.arena_live_bytes),
                 format_bytes(step.working_set_bytes),
-                format_bytes(plan.capacity_bytes - step.live_bytes) + mark,
+                format_bytes(plan.capacity_bytes - step.live_bytes),
+                "<- peak" if step is peak_step else "",
             )
         )
     cap = plan.capacity_bytes
@@ -140,7 +140,9 @@ def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = Fal
         lines.append(f"policy: {policy.describe()}")
     lines += [
         "",
-        _table(rows, ("step", "action", "layer", "reads", "arena live", "working set", "headroom")),
+        _table(
+            rows, ("step", "action", "layer", "reads", "arena live", "working set", "headroom", "")
+        ),
         "",
         f"peak        {format_bytes(plan.peak_bytes):>12}  (arena {format_bytes(plan.arena_bytes)}"
         f" + largest XLA working set {format_bytes(plan.peak_bytes - plan.arena_bytes)})",
