@@ -19,7 +19,13 @@ import numpy as np
 
 from edgemind.errors import ModelFormatError
 from edgemind.units import align_up
-from edgemind.weights.manifest import DTYPES, LayerSpec, TensorSpec, dtype_itemsize
+from edgemind.weights.manifest import (
+    DTYPES,
+    LayerSpec,
+    TensorSpec,
+    dtype_itemsize,
+    parse_tensor_entry,
+)
 
 WEIGHTS_MAGIC = "edgemind-weights"
 WEIGHTS_FORMAT_VERSION = 1
@@ -185,30 +191,14 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
 def _tensor_from_obj(obj: Any, where: str, alignment: int, prev_end: int) -> TensorSpec:
     if not isinstance(obj, Mapping):
         raise ModelFormatError(f"{where}: tensor entry {obj!r} is not a map")
-    name = _field(obj, "name", str, where)
-    where = f"{where}, tensor {name!r}"
-    dtype = _field(obj, "dtype", str, where)
-    if dtype not in DTYPES:
-        raise ModelFormatError(f"{where}: unknown dtype {dtype!r}; expected one of {DTYPES}")
-    shape = tuple(_field(obj, "shape", list, where))
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ModelFormatError(f"{where}: shape {list(shape)} must be non-negative integers")
-    nbytes = _field(obj, "nbytes", int, where)
-    expected = math.prod(shape) * dtype_itemsize(dtype)
-    if nbytes != expected:
+    spec = parse_tensor_entry(obj, where, alignment)
+    if spec.offset_bytes < prev_end + BIN32_HEADER_BYTES:
         raise ModelFormatError(
-            f"{where}: nbytes is {nbytes}, expected {expected} for shape {list(shape)} of {dtype}"
+            f"{where}, tensor {spec.name!r}: payload offset {spec.offset_bytes} must be at "
+            f"least {prev_end + BIN32_HEADER_BYTES} (after the previous object and a bin32 "
+            "header)"
         )
-    offset = _field(obj, "offset", int, where)
-    if offset % alignment or offset < prev_end + BIN32_HEADER_BYTES:
-        raise ModelFormatError(
-            f"{where}: payload offset {offset} must be {alignment}-aligned and at least "
-            f"{prev_end + BIN32_HEADER_BYTES} (after the previous object and a bin32 header)"
-        )
-    crc = _field(obj, "crc32", str, where)
-    if len(crc) != 8 or not set(crc) <= _HEX:
-        raise ModelFormatError(f"{where}: crc32 {crc!r} must be 8 lowercase hex digits")
-    return TensorSpec(name, dtype, shape, nbytes, offset, crc)  # type: ignore[arg-type]
+    return spec
 
 
 def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeader:

@@ -191,7 +191,8 @@ def check_relative_path(file: str, where: str) -> str:
     return file
 
 
-def _parse_tensor(obj: Any, where: str, alignment: int) -> TensorSpec:
+def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
+    """Validate one tensor entry (manifest or weight-file header) into a TensorSpec."""
     name = _req(obj, "name", str, where)
     where = f"{where}, tensor {name!r}"
     dtype = _req(obj, "dtype", str, where)
@@ -204,12 +205,11 @@ def _parse_tensor(obj: Any, where: str, alignment: int) -> TensorSpec:
     expected = math.prod(shape) * dtype_itemsize(dtype)
     if nbytes != expected:
         raise ModelFormatError(
-            f"{where}: nbytes {nbytes} disagrees with shape {list(shape)} of {dtype} "
-            f"({expected} bytes)"
+            f"{where}: nbytes is {nbytes}, expected {expected} for shape {list(shape)} of {dtype}"
         )
     offset = _req(obj, "offset", int, where)
     if offset < 0 or offset % alignment:
-        raise ModelFormatError(f"{where}: payload offset {offset} is not {alignment}-aligned")
+        raise ModelFormatError(f"{where}: payload offset {offset} must be {alignment}-aligned")
     crc = _req(obj, "crc32", str, where)
     if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
         raise ModelFormatError(f"{where}: crc32 {crc!r} must be 8 lowercase hex digits")
@@ -222,7 +222,9 @@ def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
     kind = _req(obj, "kind", str, where)
     config = _req(obj, "config", dict, where)
     file = check_relative_path(_req(obj, "file", str, where), where)
-    tensors = tuple(_parse_tensor(t, where, alignment) for t in _req(obj, "tensors", list, where))
+    tensors = tuple(
+        parse_tensor_entry(t, where, alignment) for t in _req(obj, "tensors", list, where)
+    )
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ModelFormatError(f"{where}: duplicate tensor names in {names}")
