@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `python bench/run_all.py`: make `bench` importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bench_memory, bench_planner, bench_runtime, stress
-from bench.common import REPO, machine, median, run_child, table, verdict
+from bench.common import REPO, machine, run_child, table, verdict
 from bench.synthetic import cached_synthetic
 
 PLANNER_TARGET_S = 1.0
@@ -28,29 +28,13 @@ ONE_XLA_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_para
 
 
 def planner_table(quick: bool) -> str:
-    from edgemind.planner import make_plan, verify_plan
-    from edgemind.policy import Policy
-
     rows = []
-    repeats = 3 if quick else 7
     for n_layers in (100, 1_000, 10_000):
-        costs = bench_planner.random_chain(n_layers, seed=n_layers)
-        policy = Policy(arena_capacity_bytes=1 << 40, prefetch_depth=1)
-        plan_s, verify_s = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            plan = make_plan(costs, policy)
-            middle = time.perf_counter()
-            problems = verify_plan(plan, costs)
-            verify_s.append(time.perf_counter() - middle)
-            plan_s.append(middle - start)
-            if problems:
-                raise RuntimeError(f"planner produced an invalid plan: {problems[:3]}")
-        target = verdict(median(plan_s) < PLANNER_TARGET_S) if n_layers == 10_000 else "-"
+        t = bench_planner.time_planner(n_layers, repeats=3 if quick else 7)
+        target = verdict(t.plan_s < PLANNER_TARGET_S) if n_layers == 10_000 else "-"
         rows.append([
-            f"{n_layers:,}", f"{median(plan_s) * 1e3:.1f}", f"{median(verify_s) * 1e3:.1f}",
-            f"{plan.peak_bytes / plan.lower_bound_bytes:.4f}",
-            f"{plan.naive_bytes / plan.peak_bytes:.1f}", target,
+            f"{n_layers:,}", f"{t.plan_s * 1e3:.1f}", f"{t.verify_s * 1e3:.1f}",
+            f"{t.peak_over_lower_bound:.4f}", f"{t.naive_over_peak:.1f}", target,
         ])  # fmt: skip
     headers = ("layers", "plan ms", "verify ms", "peak/lower bound", "naive/peak", "< 1 s")
     return table(headers, rows)
