@@ -1,10 +1,12 @@
 """Planned against observed memory: one fresh child process per (model, capacity) row.
 
-In each child a warm-up request of the same shape runs first in a runtime that is then
-closed, so compilation, imports and the jit caches are in the baseline and not counted.
-A fresh runtime then runs the measured request; its ``observed_peak_bytes`` is the
-process's peak RSS during the request above the RSS just before it (VmHWM reset through
-``/proc/self/clear_refs``). The target: observed <= planned peak + :data:`ALLOWANCE_BYTES`.
+In each child one runtime serves :data:`REQUESTS` requests of the same shape. The
+runtime takes its RSS baseline when it creates the arena, after planning has compiled
+every unit (so imports and compilation are in the baseline, not counted), and each
+request reports ``observed_peak_bytes``: the process's peak RSS during the request
+(VmHWM, reset through ``/proc/self/clear_refs``) above that baseline. The row keeps the
+worst request. No allocator settings are changed: this is what a user's process sees.
+The target: observed <= planned peak + :data:`ALLOWANCE_BYTES`.
 
     python bench/bench_memory.py [--quick]
 """
@@ -12,7 +14,6 @@ process's peak RSS during the request above the RSS just before it (VmHWM reset 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +23,14 @@ from bench.common import mib, run_child, table, verdict
 from bench.synthetic import cache_root
 
 MIB = 2**20
-# What a request's process holds beyond the plan's bytes, none of it model memory:
-# the result's output copy and the input/output NumPy objects (KiB here), the prefetch
-# reader thread's touched stack and its malloc arena (a few hundred KiB), Python frames
-# and report objects, and page rounding of every XLA output buffer and of the arena
-# itself (one 4 KiB page each end per allocation). 2 MiB bounds them on these models.
-ALLOWANCE_BYTES = 2 * MIB
+# What a request's process holds beyond the plan's bytes. Most of it is XLA's CPU
+# library scratch that memory_analysis() reports as 0: the GEMM packing buffers of a
+# dot (Eigen sizes them from the caches: up to a few MiB at batch 64 on the toy model),
+# then glibc heap pages freed between calls but kept for reuse, the result's output
+# copy and the input/report objects (KiB), the prefetch thread's touched stack, and page
+# rounding (4 KiB per allocation). Measured worst excess on these rows: 1.4 MiB.
+ALLOWANCE_BYTES = 4 * MIB
+REQUESTS = 5
 SENTENCES = (
     "A man is playing a guitar.",
     "Someone is playing an instrument.",
@@ -61,28 +64,29 @@ def measure(
 
     inputs = _inputs(kind, model_dir, batch)
     policy = {"arena_capacity_bytes": capacity_bytes, "keep_resident_layers": keep_resident}
-    row: dict[str, Any] = {}
-    for attempt in ("warm-up", "measured"):
-        with Runtime.open(model_dir, None, **policy) as rt:
-            gc.collect()
+    observed: list[int] = []
+    arena_used: list[int] = []
+    with Runtime.open(model_dir, None, **policy) as rt:
+        for _ in range(REQUESTS):
             try:
-                result = rt.run(*inputs)
+                report = rt.run(*inputs).report
             except MemoryQuotaExceeded:
-                result = None
-            plan = rt.last_plan
-            assert plan is not None
-            report = None if result is None else result.report
-            row = {
-                "status": plan.status,
-                "exit_level": plan.exit_level,
-                "plan_peak_bytes": plan.peak_bytes,
-                "lower_bound_bytes": plan.lower_bound_bytes,
-                "naive_bytes": plan.naive_bytes,
-                "observed_peak_bytes": report and report.observed_peak_bytes,
-                "arena_peak_used_bytes": report and report.arena_peak_used_bytes,
-                "attempt": attempt,
-            }
-    return row
+                break  # rejected before reading: nothing to observe
+            if report.observed_peak_bytes is not None:
+                observed.append(report.observed_peak_bytes)
+            arena_used.append(report.arena_peak_used_bytes)
+        plan = rt.last_plan
+    assert plan is not None
+    return {
+        "status": plan.status,
+        "exit_level": plan.exit_level,
+        "plan_peak_bytes": plan.peak_bytes,
+        "lower_bound_bytes": plan.lower_bound_bytes,
+        "naive_bytes": plan.naive_bytes,
+        "observed_first_bytes": observed[0] if observed else None,
+        "observed_peak_bytes": max(observed) if observed else None,
+        "arena_peak_used_bytes": max(arena_used) if arena_used else None,
+    }
 
 
 def minilm_dir() -> tuple[Path | None, str]:
@@ -157,7 +161,8 @@ def memory_table(quick: bool) -> tuple[str, list[dict[str, Any]]]:
         out_rows.append(_format_row(label, batch, capacity, keep, row, child.how))
     headers = (
         "model", "batch", "capacity MiB", "keep", "plan", "planned peak MiB", "lower bound MiB",
-        "naive MiB", "observed MiB", "observed/planned", "allowance MiB", "target",
+        "naive MiB", "observed MiB (1st)", f"observed MiB (worst of {REQUESTS})",
+        "observed/planned", "allowance MiB", "target",
     )  # fmt: skip
     text = table(headers, out_rows)
     if notes:
@@ -169,7 +174,7 @@ def _format_row(
     label: str, batch: int, capacity: int, keep: Any, row: dict[str, Any], how: str
 ) -> list[object]:
     if not row:
-        return [label, batch, mib(capacity), keep, f"child {how}", *["n/a"] * 6, "**MISS**"]
+        return [label, batch, mib(capacity), keep, f"child {how}", *["n/a"] * 7, "**MISS**"]
     plan_peak, observed = row["plan_peak_bytes"], row["observed_peak_bytes"]
     status = row["status"] + (f" (level {row['exit_level']})" if row["exit_level"] else "")
     if observed is None:  # rejected before reading: nothing to observe
@@ -179,7 +184,8 @@ def _format_row(
         target = verdict(observed <= plan_peak + ALLOWANCE_BYTES)
     return [
         label, batch, mib(capacity), keep, status, mib(plan_peak), mib(row["lower_bound_bytes"]),
-        mib(row["naive_bytes"]), mib(observed), ratio, mib(ALLOWANCE_BYTES), target,
+        mib(row["naive_bytes"]), mib(row["observed_first_bytes"]), mib(observed), ratio,
+        mib(ALLOWANCE_BYTES), target,
     ]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,21 +68,29 @@ class SpeedCase:
         return arena / plain
 
 
-def plain_readinto_s(model_dir: Path, files: Sequence[str]) -> tuple[float, int]:
-    """Seconds and bytes to read each file whole into one preallocated aligned buffer."""
+def plain_readinto_s(
+    model_dir: Path, files: Sequence[str], direct: bool = False
+) -> tuple[float, int]:
+    """Seconds and bytes to read each file whole into one preallocated aligned buffer
+    (with ``O_DIRECT`` when ``direct``, in whole 4 KiB blocks, like the direct reader)."""
     paths = [model_dir / f for f in files]
     sizes = [p.stat().st_size for p in paths]
-    buf = aligned_buffer(max(sizes))
+    block = 4096
+    buf = aligned_buffer(-(-max(sizes) // block) * block)
     view = memoryview(buf.data)
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     start = time.perf_counter()
     for path, size in zip(paths, sizes, strict=True):
-        with open(path, "rb", buffering=0) as f:
+        fd = os.open(path, flags)
+        try:
             got = 0
             while got < size:
-                n = f.readinto(view[got:size])
+                n = os.preadv(fd, [view[got:]], got)
                 if not n:
                     raise OSError(f"{path}: short read at {got}")
                 got += n
+        finally:
+            os.close(fd)
     return time.perf_counter() - start, sum(sizes)
 
 
@@ -91,15 +100,16 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def speed_case(label: str, model_dir: Path, batch: int, repeats: int) -> SpeedCase:
+def speed_case(
+    label: str, model_dir: Path, batch: int, repeats: int, read_mode: str = "buffered"
+) -> SpeedCase:
     """Interleave the three variants and the plain reads ``repeats`` times."""
     manifest = load_manifest(model_dir)
     width = int(manifest.inputs[0].shape[-1])
     x = np.random.default_rng(0).standard_normal((batch, width), np.float32)
-    fast = Runtime.open(model_dir, None, arena_capacity_bytes=STREAM_CAPACITY_BYTES)
-    slow = Runtime.open(
-        model_dir, None, arena_capacity_bytes=STREAM_CAPACITY_BYTES, prefetch_depth=0
-    )
+    policy = {"arena_capacity_bytes": STREAM_CAPACITY_BYTES, "read_mode": read_mode}
+    fast = Runtime.open(model_dir, None, **policy)
+    slow = Runtime.open(model_dir, None, **policy, prefetch_depth=0)
     ref = InMemoryModel(model_dir, manifest)
     by_name = {s.name: s.file for s in all_layer_specs(manifest)}
     files = [by_name[u] for u in slow.plan(batch=batch).units]
@@ -117,7 +127,9 @@ def speed_case(label: str, model_dir: Path, batch: int, repeats: int) -> SpeedCa
                 if variant == "ref":
                     samples["ref"].append(_timed(ref.run, x)[0])
                 elif variant == "rd":
-                    seconds, readinto_bytes = plain_readinto_s(model_dir, files)
+                    seconds, readinto_bytes = plain_readinto_s(
+                        model_dir, files, direct=read_mode == "direct"
+                    )
                     samples["rd"].append(seconds)
                 else:
                     seconds, result = _timed((fast if variant == "fast" else slow).run, x)
@@ -145,9 +157,11 @@ def speed_case(label: str, model_dir: Path, batch: int, repeats: int) -> SpeedCa
     )  # fmt: skip
 
 
-def speed(label: str, model_dir: str, batch: int, repeats: int) -> dict[str, Any]:
+def speed(
+    label: str, model_dir: str, batch: int, repeats: int, read_mode: str = "buffered"
+) -> dict[str, Any]:
     """Child side of :func:`speed_case` (run_all runs each case in a fresh process)."""
-    return dataclasses.asdict(speed_case(label, Path(model_dir), batch, repeats))
+    return dataclasses.asdict(speed_case(label, Path(model_dir), batch, repeats, read_mode))
 
 
 def from_dict(data: dict[str, Any]) -> SpeedCase:

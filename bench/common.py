@@ -23,10 +23,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "BENCH-RESULT "
-# Freed blocks go straight back to the OS in children, so memory freed by a warm-up
-# cannot hide the pages a measured request touches (glibc's dynamic mmap threshold
-# would otherwise keep them on the heap and the request would reuse them unseen).
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +49,7 @@ def run_child(
     timeout_s: float = 600,
 ) -> ChildResult:
     """Call ``bench.<module>.<func>(**kwargs)`` in a fresh interpreter (``env`` added)."""
-    env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(REPO), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     env.setdefault("PYTHONWARNINGS", "ignore")
     cmd = [sys.executable, "-m", "bench.common", module, func, json.dumps(dict(kwargs))]
     proc = subprocess.run(

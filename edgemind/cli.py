@@ -47,6 +47,11 @@ def _policy_flags() -> argparse.ArgumentParser:
     )
     group.add_argument("--prefetch-depth", type=int, metavar="N", help="staging slots (0: none)")
     group.add_argument(
+        "--read-mode",
+        choices=("buffered", "direct"),
+        help="direct: O_DIRECT reads that bypass the page cache (needs filesystem support)",
+    )
+    group.add_argument(
         "--on-quota",
         choices=("early_exit", "reject_request"),
         help="what to do when the complete run does not fit",
@@ -194,6 +199,7 @@ def _policy(args: argparse.Namespace) -> Any:
             "keep_resident_layers": args.keep_resident,
             "prefetch_depth": args.prefetch_depth,
             "on_memory_quota_exceeded": args.on_quota,
+            "read_mode": args.read_mode,
             "verify_checksums": True if getattr(args, "verify", False) else None,
         },
     )

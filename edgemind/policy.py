@@ -21,10 +21,11 @@ from typing import Any, Literal
 import yaml
 
 from edgemind.errors import PolicyError
-from edgemind.units import MIB, format_bytes, mib_to_bytes
+from edgemind.units import DIRECT_IO_BLOCK, MIB, format_bytes, mib_to_bytes
 
 ENV_ARENA_MB = "EDGE_MODEL_ARENA_MB"
 QUOTA_ACTIONS = ("early_exit", "reject_request")
+READ_MODES = ("buffered", "direct")
 Residency = int | Literal["auto"]
 
 # The valid keys of policy.yaml, section by section, with the field each one sets.
@@ -35,6 +36,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "prefetch_depth": "prefetch_depth",
         "alignment_bytes": "alignment_bytes",
         "verify_checksums": "verify_checksums",
+        "read_mode": "read_mode",
     },
     "scheduler": {"on_memory_quota_exceeded": "on_memory_quota_exceeded"},
     "metrics": {"enable_http": "metrics_enable_http", "http_addr": "metrics_http_addr"},
@@ -55,6 +57,7 @@ class Policy:
     prefetch_depth: int = 1
     alignment_bytes: int = 64
     verify_checksums: bool = False
+    read_mode: Literal["buffered", "direct"] = "buffered"
     on_memory_quota_exceeded: Literal["early_exit", "reject_request"] = "early_exit"
     metrics_enable_http: bool = False
     metrics_http_addr: str = "127.0.0.1:9090"
@@ -75,6 +78,10 @@ class Policy:
         ):
             if not isinstance(value, bool):
                 raise PolicyError(f"{key}: expected true or false, got {value!r}")
+        if self.read_mode not in READ_MODES:
+            raise PolicyError(
+                f"model.read_mode: expected one of {', '.join(READ_MODES)}, got {self.read_mode!r}"
+            )
         if self.on_memory_quota_exceeded not in QUOTA_ACTIONS:
             raise PolicyError(
                 "scheduler.on_memory_quota_exceeded: expected one of "
@@ -84,6 +91,13 @@ class Policy:
             raise PolicyError(
                 f"metrics.http_addr: expected 'host:port', got {self.metrics_http_addr!r}"
             )
+
+    @property
+    def buffer_alignment_bytes(self) -> int:
+        """Alignment of every arena buffer: direct reads need whole 4 KiB blocks."""
+        if self.read_mode == "direct":
+            return max(self.alignment_bytes, DIRECT_IO_BLOCK)
+        return self.alignment_bytes
 
     def replace(self, **changes: Any) -> Policy:
         """A copy with some fields changed, validated again."""

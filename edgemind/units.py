@@ -12,6 +12,7 @@ import re
 MIB = 1 << 20
 KIB = 1 << 10
 GIB = 1 << 30
+DIRECT_IO_BLOCK = 4096  # O_DIRECT reads want block-aligned addresses, offsets and lengths
 
 _UNITS = {"": MIB, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB}
 _UNITS.update({"g": GIB, "gb": GIB, "gib": GIB})

@@ -71,6 +71,7 @@ def test_env_overrides_file_and_flags_override_env(tmp_path):
         ("model:\n  alignment_bytes: 100\n", "power of two"),
         ("scheduler:\n  on_memory_quota_exceeded: crash\n", "early_exit, reject_request"),
         ("metrics:\n  enable_http: maybe\n", "metrics.enable_http"),
+        ("model:\n  read_mode: mmap\n", "model.read_mode: expected one of buffered, direct"),
         ("model: [1, 2]\n", "section 'model' must be a mapping"),
         ("- 1\n- 2\n", "expected a mapping"),
         ("model:\n  arena_capacity_mb: [\n", "not valid YAML"),
@@ -102,6 +103,13 @@ def test_policy_is_frozen_and_validated_on_replace():
         policy.prefetch_depth = 3  # type: ignore[misc]
     with pytest.raises(PolicyError):
         policy.replace(prefetch_depth=-2)
+
+
+def test_direct_reads_align_buffers_to_blocks(tmp_path):
+    policy = load_policy(write(tmp_path, "model:\n  read_mode: direct\n"), env={})
+    assert policy.read_mode == "direct"
+    assert policy.buffer_alignment_bytes == 4096
+    assert Policy().buffer_alignment_bytes == Policy().alignment_bytes == 64
 
 
 def test_digest_ignores_metrics_but_not_capacity():

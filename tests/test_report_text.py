@@ -116,7 +116,7 @@ def test_table_shows_layers_totals_and_the_six_names() -> None:
 
 @pytest.mark.parametrize(
     ("observed", "expected"),
-    [(None, "observed not measured"), (5 << 20, "observed 5.0 MiB (ABOVE PLAN)")],
+    [(None, "observed not measured"), (5 << 20, "observed 5.0 MiB (1.0 MiB above plan)")],
 )
 def test_observed_peak_against_planned(observed: int | None, expected: str) -> None:
     text = format_report(dataclasses.replace(REPORT, observed_peak_bytes=observed))

@@ -173,3 +173,27 @@ def test_flipped_byte_caught_with_verification(toy_model, tmp_path):
             f.write(bytes([byte[0] ^ 0xFF]))
         with pytest.raises(ChecksumError, match="L2"):
             rt.run(x_of(1))
+
+
+def _direct_io_supported(path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_direct_reads_match_buffered(toy_model, reference, prefetch):
+    if not _direct_io_supported(toy_model / "manifest.json"):
+        pytest.skip("the test filesystem does not support O_DIRECT")
+    x = x_of(2)
+    with Runtime.open(toy_model, read_mode="direct", prefetch_depth=prefetch) as rt:
+        plan = rt.plan(batch=2)
+        result = rt.run(x)
+    assert plan.alignment_bytes == 4096  # whole blocks, so block-sized reads stay in slots
+    assert all(b.offset_bytes % 4096 == 0 for b in plan.buffers if b.offset_bytes is not None)
+    assert verify_plan(plan) == []
+    np.testing.assert_array_equal(result.output, reference.run(x))
+    assert result.report.bytes_read == plan.streamed_bytes

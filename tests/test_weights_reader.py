@@ -366,3 +366,37 @@ def test_aligned_empty() -> None:
             assert a.dtype == np.uint8 and a.nbytes == nbytes and a.ctypes.data % alignment == 0
     with pytest.raises(ValueError):
         aligned_empty(10, 48)
+
+
+def test_direct_reads_fill_block_sized_destinations(tmp_path: Path) -> None:
+    from edgemind.weights.reader import direct_read_nbytes
+
+    out, _ = _model(tmp_path, 4096)
+    manifest = load_manifest(out)
+    layer = manifest.layers[0]
+    try:
+        fd = os.open(out / layer.file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        pytest.skip("the test filesystem does not support O_DIRECT")
+    os.close(fd)
+    expected = load_layer_arrays(out, layer)
+    dests = {t.name: aligned_empty(direct_read_nbytes(t.nbytes), 4096) for t in layer.tensors}
+    read_tensors_into(out, layer, dests, direct=True, verify=True)
+    for t in layer.tensors:
+        got = dests[t.name][: t.nbytes].view(expected[t.name].dtype).reshape(t.shape)
+        np.testing.assert_array_equal(got, expected[t.name])
+    misaligned = {layer.tensors[0].name: aligned_empty(8192 + 64, 64)[64:]}
+    with pytest.raises(ModelFormatError):
+        read_tensors_into(out, layer, misaligned, direct=True)
+
+
+def test_direct_reads_need_block_aligned_payloads(model: tuple) -> None:
+    from edgemind.weights.reader import direct_read_nbytes
+
+    out, _ = model  # written with 64-byte payload alignment
+    layer = next(
+        x for x in load_manifest(out).layers if any(t.offset_bytes % 4096 for t in x.tensors)
+    )
+    dests = {t.name: aligned_empty(direct_read_nbytes(t.nbytes), 4096) for t in layer.tensors}
+    with pytest.raises(ModelFormatError, match="read_mode: buffered"):
+        read_tensors_into(out, layer, dests, direct=True)

@@ -25,7 +25,8 @@ has a head, the head. Buffers and steps (``d`` is the effective prefetch depth):
 * Working sets (role ``"working_set"``, offset None) are XLA's, outside the arena, alive
   at their run step only; their nbytes are XLA's figure, unrounded.
 
-Every arena buffer is rounded up to ``Policy.alignment_bytes`` and placed by
+Every arena buffer is rounded up to ``Policy.buffer_alignment_bytes`` (the policy's
+alignment, or 4 KiB blocks for direct reads) and placed by
 :class:`~edgemind.planner.allocator.TwoSided` (buffers born at alternate steps on
 alternate ends: exact on depth-1 chains) or, when that misses the arena's live bound,
 the better of it and :class:`~edgemind.planner.allocator.GreedyBySize`. Lifetimes are
@@ -283,7 +284,12 @@ def make_plan(
 
     def build(units: Sequence[UnitCost], depth: int, pinned: frozenset[int]) -> _Layout:
         return _layout(
-            units, costs.input_bytes, costs.context_bytes, depth, pinned, policy.alignment_bytes
+            units,
+            costs.input_bytes,
+            costs.context_bytes,
+            depth,
+            pinned,
+            policy.buffer_alignment_bytes,
         )
 
     complete = chain_units(costs, costs.num_levels)
@@ -374,7 +380,7 @@ def _deepest_exit(
     costs: CostTable, policy: Policy, build: _Build
 ) -> tuple[int, _Layout, _Layout] | None:
     """The deepest partial exit that fits, at the largest depth that fits."""
-    prefix, heads = _floors(costs, policy.alignment_bytes)
+    prefix, heads = _floors(costs, policy.buffer_alignment_bytes)
     capacity = policy.arena_capacity_bytes
     for level in range(costs.num_levels - 1, 0, -1):
         floor = max(prefix[costs.exits[level - 1].after_layer], heads.get(level, 0))
@@ -401,7 +407,7 @@ def _no_exit_note(costs: CostTable, policy: Policy) -> str:
 def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layout:
     """Pin the heaviest units, largest first, in the capacity the streaming plan leaves."""
     units = lay.units
-    align = policy.alignment_bytes
+    align = policy.buffer_alignment_bytes
     heavy = [k for k, unit in enumerate(units) if unit.weight_bytes > 0]
     asked = policy.keep_resident_layers
     limit = len(heavy) if asked == "auto" else min(asked - 1, len(heavy))
@@ -465,7 +471,7 @@ def _materialize(
     notes: tuple[str, ...],
     digests: tuple[str, str],
 ) -> Plan:
-    align = policy.alignment_bytes
+    align = policy.buffer_alignment_bytes
     units = lay.units
     buffers = tuple(
         Buffer(

@@ -26,7 +26,7 @@ from edgemind.runtime.arena import Arena
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
 from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import Manifest, all_layer_specs
-from edgemind.weights.reader import read_rows_into, read_tensors_into
+from edgemind.weights.reader import direct_read_nbytes, read_rows_into, read_tensors_into
 
 
 class Executor:
@@ -40,11 +40,13 @@ class Executor:
         dims: Mapping[str, int],
         *,
         verify: bool = False,
+        direct: bool = False,
     ):
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.plan = plan
         self.verify = verify
+        self.direct = direct  # O_DIRECT reads: the plan's slots hold whole 4 KiB blocks
         self._specs = {spec.name: spec for spec in all_layer_specs(manifest)}
         self._born: dict[int, list[Buffer]] = {}
         for buf in plan.buffers:
@@ -69,15 +71,24 @@ class Executor:
         dests = {}
         nbytes = 0
         for slot in buf.tensors:
-            view = self.arena.view((buf.offset_bytes or 0) + slot.offset_bytes, slot.nbytes)
-            if slot.name in gathered:
+            offset = (buf.offset_bytes or 0) + slot.offset_bytes
+            if slot.name in gathered:  # scattered rows: always through the page cache
                 if ids is None:
                     raise EdgemindError(f"layer {spec.name}: gathered tensor needs token ids")
+                view = self.arena.view(offset, slot.nbytes)
                 nbytes += read_rows_into(self.model_dir, spec, slot.name, ids.ravel(), view)
             else:
-                dests[slot.name] = view
+                extent = direct_read_nbytes(slot.nbytes) if self.direct else slot.nbytes
+                if slot.offset_bytes + extent > buf.nbytes:
+                    raise MemoryQuotaExceeded(
+                        f"layer {spec.name}, tensor {slot.name}: a {extent}-byte read does not "
+                        f"fit its planned slot; plan again with this policy's read_mode"
+                    )
+                dests[slot.name] = self.arena.view(offset, extent)
         if dests:
-            nbytes += read_tensors_into(self.model_dir, spec, dests, verify=self.verify)
+            nbytes += read_tensors_into(
+                self.model_dir, spec, dests, verify=self.verify, direct=self.direct
+            )
         return time.perf_counter() - start, nbytes
 
     def _params(self, buf: Buffer) -> dict[str, np.ndarray]:

@@ -185,7 +185,12 @@ class Runtime:
         # before the arena's pages are touched: model memory is what rises above it.
         self._meter = PeakRssMeter()
         self._executor = Executor(
-            self.model_dir, self.manifest, plan, dims, verify=self.policy.verify_checksums
+            self.model_dir,
+            self.manifest,
+            plan,
+            dims,
+            verify=self.policy.verify_checksums,
+            direct=self.policy.read_mode == "direct",
         )
         return self._executor
 

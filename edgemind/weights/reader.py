@@ -21,6 +21,7 @@ import msgpack
 import numpy as np
 
 from edgemind.errors import ChecksumError, ModelFormatError
+from edgemind.units import DIRECT_IO_BLOCK
 from edgemind.weights.format import (
     BIN32_HEADER_BYTES,
     MAX_HEADER_BYTES,
@@ -244,14 +245,23 @@ def read_tensors_into(
     dests: Mapping[str, Buffer],
     *,
     verify: bool = False,
+    direct: bool = False,
 ) -> int:
     """Read the named tensors of ``layer`` into ``dests``; returns the bytes read.
 
     Each destination is a writable, C-contiguous buffer of exactly the tensor's nbytes
     (an ndarray must be uint8 or the tensor's dtype). ``dests`` may name a subset.
+
+    ``direct=True`` reads with ``O_DIRECT``, bypassing the page cache: the disk's DMA
+    fills the buffers without a CPU copy (so a prefetch overlaps compute fully) and the
+    model never fills RAM as cached file pages. Each destination must then start on a
+    4 KiB boundary and hold :func:`direct_read_nbytes` bytes (whole blocks); the bytes
+    past the tensor's end are scratch.
     """
     with _open_layer(model_dir, layer) as (f, where):
         specs = [(layer.tensor(name), dest) for name, dest in dests.items()]
+        if direct:
+            return _read_direct(f.name, layer, specs, where, verify)
         total = 0
         for spec, dest in specs:
             what = f"{where}: layer {layer.name!r}, tensor {spec.name!r}"
@@ -260,6 +270,64 @@ def read_tensors_into(
             if verify:
                 _check_crc(view, spec, where, layer)
         return total
+
+
+def direct_read_nbytes(nbytes: int) -> int:
+    """Bytes an ``O_DIRECT`` read of an ``nbytes`` tensor fills: whole 4 KiB blocks."""
+    return -(-nbytes // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK
+
+
+def _read_direct(
+    path: str | bytes,
+    layer: LayerSpec,
+    specs: Sequence[tuple[TensorSpec, Buffer]],
+    where: str,
+    verify: bool,
+) -> int:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    try:
+        if not getattr(os, "O_DIRECT", 0):
+            raise OSError(0, "O_DIRECT is not available on this platform")
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ModelFormatError(
+            f"{where}: cannot open for direct reads ({exc.strerror}); set model.read_mode: buffered"
+        ) from None
+    total = 0
+    try:
+        for spec, dest in specs:
+            what = f"{where}: layer {layer.name!r}, tensor {spec.name!r}"
+            if spec.offset_bytes % DIRECT_IO_BLOCK:
+                raise ModelFormatError(
+                    f"{what}: payload offset {spec.offset_bytes} is not {DIRECT_IO_BLOCK}-aligned,"
+                    " as direct reads need; convert with --alignment-bytes 4096 or set "
+                    "model.read_mode: buffered"
+                )
+            view = _dest_bytes(dest, direct_read_nbytes(spec.nbytes), "uint8", what)
+            if spec.nbytes and (_address(view) % DIRECT_IO_BLOCK or view.nbytes < spec.nbytes):
+                raise ModelFormatError(f"{what}: direct reads need a 4 KiB-aligned destination")
+            done, pos = 0, spec.offset_bytes
+            while done < spec.nbytes:  # a short read comes only at the end of the file
+                try:
+                    n = os.preadv(fd, [view[done:]], pos)
+                except OSError as exc:
+                    raise ModelFormatError(
+                        f"{what}: direct read failed at byte {pos} ({exc.strerror}); set "
+                        "model.read_mode: buffered if the filesystem does not support it"
+                    ) from None
+                if n == 0:
+                    raise ModelFormatError(f"{what}: file ends at byte {pos} (truncated?)")
+                done, pos = done + n, pos + n
+            total += spec.nbytes
+            if verify:
+                _check_crc(view[: spec.nbytes], spec, where, layer)
+    finally:
+        os.close(fd)
+    return total
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
 
 
 def read_rows_into(
