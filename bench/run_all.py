@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run_all.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_memory, bench_planner, bench_runtime, stress
+from bench import bench_memory, bench_minilm, bench_planner, bench_runtime, stress
 from bench.common import REPO, machine, run_child, table, verdict
 from bench.synthetic import cached_synthetic
 
@@ -106,6 +106,7 @@ def render(quick: bool) -> str:
     memory, _ = bench_memory.memory_table(quick)
     cases = speed_cases(quick)
     planner = planner_table(quick)
+    minilm = bench_minilm.run(quick)
     cfg = stress.QUICK if quick else stress.FULL
     stress_rows = stress.stress(cfg)
     spent = time.perf_counter() - started
@@ -127,6 +128,8 @@ def render(quick: bool) -> str:
         f"### Per-unit load and compute ({cases[0].label}, batch {cases[0].batch}, "
         "no-prefetch run, medians)",
         bench_runtime.layer_table(cases[0]),
+        "## MiniLM: latency per sentence, streamed against all in memory",
+        minilm.get("table") or f"Skipped: {minilm.get('skipped')}.",
         "## Planner: random chain models (bench/bench_planner.py's `random_chain`)",
         planner_table_note(),
         planner,
