@@ -289,3 +289,21 @@ def test_cli_embeds_texts(model, tmp_path, capsys):
     code = main(["run", str(model), "--text", ""])
     err = capsys.readouterr().err
     assert code == EXIT_ERROR and len(err.strip().splitlines()) == 1
+
+
+def test_pinning_never_keeps_a_requests_embedding_rows(model):
+    """auto pins every encoder, but the gathered embedding rows are read per request."""
+    tok = Tokenizer.from_model_dir(model)
+    first = tok.encode(["A man is eating food."])
+    second = tok.encode(["The girl is carrying a baby."])
+    assert first[0].shape == second[0].shape  # same bucket: same plan, same arena
+    reference = InMemoryModel(model)
+    rt = Runtime.open(model, arena_capacity_bytes=120 * MIB, keep_resident_layers="auto")
+    with rt:
+        plan = rt.plan(batch=1, seq=first[0].shape[1])
+        assert "embeddings" not in plan.pinned_layers and len(plan.pinned_layers) == 6
+        out1 = rt.run(first[0], first[1]).output
+        out2 = rt.run(second[0], second[1])
+    assert out2.report.bytes_read == plan.streamed_bytes > 0  # the rows, read again
+    np.testing.assert_allclose(out1, reference.run(first[0], first[1]), atol=1e-6)
+    np.testing.assert_allclose(out2.output, reference.run(second[0], second[1]), atol=1e-6)

@@ -237,3 +237,13 @@ def test_malformed_cost_tables_are_refused(change: dict, message: str) -> None:
     costs = CostTable("bad", (1,), 64, (layer,) * 3, (ExitCost(1, 2, None),))
     with pytest.raises(PlanError, match=message):
         make_plan(dataclasses.replace(costs, **change), Policy())
+
+
+def test_units_whose_weights_belong_to_the_request_are_never_pinned():
+    gather = UnitCost("embeddings", "gather", (("rows", 40_000),), 256, 512, pinnable=False)
+    rest = tuple(UnitCost(f"l{i}", "dense", (("w", 4096 * (i + 1)),), 256, 512) for i in range(3))
+    costs = CostTable("m", (1, 16), 256, (gather, *rest), (ExitCost(1, 3, None),))
+    plan = make_plan(costs, Policy(arena_capacity_bytes=1 << 30, keep_resident_layers="auto"))
+    assert plan.pinned_layers == ("l0", "l1", "l2")
+    assert plan.streamed_bytes == 40_000
+    assert verify_plan(plan, costs) == []

@@ -181,7 +181,14 @@ def unit_cost(
             f"or the model was converted wrongly"
         ) from None
     tensors = tuple((name, struct_nbytes(sds)) for name, sds in params.items())
-    cost = UnitCost(spec.name, spec.kind, tensors, struct_nbytes(out), working_set_bytes)
+    cost = UnitCost(
+        spec.name,
+        spec.kind,
+        tensors,
+        struct_nbytes(out),
+        working_set_bytes,
+        pinnable=not gathered_tensors(spec),  # gathered rows belong to one request
+    )
     return cost, out
 
 

@@ -26,6 +26,7 @@ class UnitCost:
     tensors: tuple[tuple[str, int], ...]  # (tensor name, bytes this request loads)
     output_bytes: int  # the output activation the unit produces
     working_set_bytes: int  # XLA outputs + temporaries - aliases of one call
+    pinnable: bool = True  # False when its weights depend on the request (gathered rows)
 
     @property
     def weight_bytes(self) -> int:

@@ -408,7 +408,9 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
     """Pin the heaviest units, largest first, in the capacity the streaming plan leaves."""
     units = lay.units
     align = policy.buffer_alignment_bytes
-    heavy = [k for k, unit in enumerate(units) if unit.weight_bytes > 0]
+    # A unit whose weights are the request's own rows (an embedding gather) cannot be
+    # kept for the next request: it is read every time.
+    heavy = [k for k, unit in enumerate(units) if unit.weight_bytes > 0 and unit.pinnable]
     asked = policy.keep_resident_layers
     limit = len(heavy) if asked == "auto" else min(asked - 1, len(heavy))
     if asked != "auto" and asked <= 1:
