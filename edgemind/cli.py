@@ -26,10 +26,31 @@ def _residency(text: str) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer >= 1 or 'auto', got {text!r}"
-        ) from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
     return value
+
+
+def _number(kind: type, minimum: float, what: str) -> Any:
+    """An argparse type: a number of ``kind`` that is at least ``minimum`` (usage error else)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= minimum:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, "a positive integer")
+COUNT = _number(int, 0, "an integer >= 0")
+SECONDS = _number(float, 0.0, "seconds >= 0")
+MIB_SIZE = _number(float, 1 / (1 << 20), "a positive number of MiB")
 
 
 def _policy_flags() -> argparse.ArgumentParser:
@@ -37,15 +58,15 @@ def _policy_flags() -> argparse.ArgumentParser:
     group = flags.add_argument_group("policy (flags override policy.yaml and the environment)")
     group.add_argument("--policy", metavar="YAML", help="policy file (default: built-in defaults)")
     size = group.add_mutually_exclusive_group()
-    size.add_argument("--arena-mb", type=float, metavar="MIB", help="arena capacity in MiB")
-    size.add_argument("--arena-bytes", type=int, metavar="N", help="arena capacity in bytes")
+    size.add_argument("--arena-mb", type=MIB_SIZE, metavar="MIB", help="arena capacity in MiB")
+    size.add_argument("--arena-bytes", type=POSITIVE_INT, metavar="N", help="capacity in bytes")
     group.add_argument(
         "--keep-resident",
         type=_residency,
         metavar="N|auto",
         help="layers' weights resident at once (prefetch aside); auto pins spare",
     )
-    group.add_argument("--prefetch-depth", type=int, metavar="N", help="staging slots (0: none)")
+    group.add_argument("--prefetch-depth", type=COUNT, metavar="N", help="staging slots (0: none)")
     group.add_argument(
         "--read-mode",
         choices=("buffered", "direct"),
@@ -56,8 +77,8 @@ def _policy_flags() -> argparse.ArgumentParser:
         choices=("early_exit", "reject_request"),
         help="what to do when the complete run does not fit",
     )
-    group.add_argument("--batch", type=int, default=1, help="batch size to plan for (default 1)")
-    group.add_argument("--seq", type=int, help="sequence length, for models that have one")
+    group.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size (default 1)")
+    group.add_argument("--seq", type=POSITIVE_INT, help="sequence length, for models with one")
     return flags
 
 
@@ -100,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[_policy_flags()], help="run a model on an input")
     run.add_argument("model_dir", metavar="MODEL_DIR")
-    source = run.add_mutually_exclusive_group()
-    source.add_argument("--input", metavar="X.npy", help="input array (.npy)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="X.npy", help="input array (.npy, or .npz by name)")
     source.add_argument("--random-input", action="store_true", help="a seeded random input")
     source.add_argument(
         "--text",
@@ -109,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="text to embed (repeatable; text models such as MiniLM)",
     )
-    run.add_argument("--text-file", metavar="FILE", help="texts to embed, one per line")
+    source.add_argument("--text-file", metavar="FILE", help="texts to embed, one per line")
     run.add_argument("--seed", type=int, default=0, help="seed for --random-input")
     run.add_argument("--output", metavar="OUT.npy", help="write the output array here")
     run.add_argument("--plan", metavar="PLAN", help="use a plan file made by `edgemind plan`")
-    run.add_argument("--repeat", type=int, default=1, metavar="N", help="run N requests")
+    run.add_argument("--repeat", type=POSITIVE_INT, default=1, metavar="N", help="run N requests")
     run.add_argument("--verify", action="store_true", help="check payload checksums as read")
     run.add_argument("--json", action="store_true", help="print the report as one JSON object")
     run.add_argument("--plot", metavar="PNG", help="draw the timeline with observed usage")
@@ -130,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument(
         "--linger",
-        type=float,
+        type=SECONDS,
         default=0.0,
         metavar="S",
         help="keep the metrics endpoint up S seconds after the last request",
@@ -206,14 +227,9 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 def _dims(args: argparse.Namespace) -> dict[str, int]:
-    from edgemind.errors import InputError
-
     dims = {"batch": args.batch}
     if args.seq is not None:
         dims["seq"] = args.seq
-    for name, value in dims.items():
-        if value < 1:
-            raise InputError(f"--{name}: expected a positive integer, got {value}")
     return dims
 
 
@@ -224,7 +240,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.model_dir)
     if args.verify:
-        verify_model(args.model_dir, manifest)
+        problems = verify_model(args.model_dir, manifest)
+        if problems:
+            for problem in problems:
+                print(f"edgemind: error: {problem}", file=sys.stderr)
+            print(
+                f"edgemind: {len(problems)} problem(s) in {args.model_dir}; convert or "
+                "copy the model again",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
     if args.json:
         print(json.dumps(manifest_dict(manifest, verified=args.verify), indent=1))
     else:
@@ -264,7 +289,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     runtime = Runtime.open(args.model_dir, _policy(args))
     plan = runtime.plan(**_dims(args))
     if args.out:
-        save_plan(plan, args.out)
+        try:
+            save_plan(plan, args.out)
+        except OSError as exc:
+            from edgemind.errors import PlanError
+
+            raise PlanError(
+                f"--out {args.out}: cannot write the plan ({exc.strerror}); choose a writable "
+                "file path"
+            ) from None
     if args.plot:
         from edgemind.viz import save_timeline
 
@@ -281,14 +314,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from edgemind.errors import InputError
     from edgemind.metrics import RunMetrics, check_textfile_path, start_http_exporter
     from edgemind.runtime import Runtime
 
-    if args.repeat < 1:
-        raise InputError(f"--repeat: expected a positive integer, got {args.repeat}")
-    if args.linger < 0:
-        raise InputError(f"--linger: expected seconds >= 0, got {args.linger}")
     runtime = Runtime.open(args.model_dir, _policy(args))
     policy = runtime.policy
     if args.metrics_textfile:
@@ -300,9 +328,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         with runtime:
             code = _serve_requests(args, runtime, metrics)
-            if exporter is not None and args.linger:
-                print(f"serving metrics at {exporter.url} for {args.linger:g} s", flush=True)
-                time.sleep(args.linger)
+        if exporter is not None and args.linger:  # the arena is released by now
+            print(
+                f"edgemind: serving metrics at {exporter.url} for {args.linger:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(args.linger)
     finally:
         if exporter is not None:
             exporter.close()
@@ -396,9 +428,13 @@ def _array_request(args: argparse.Namespace, runtime: Any) -> Any:
     if args.plan:
         plan = load_plan(args.plan)
         check_plan_matches(
-            plan, runtime.manifest.digest(), runtime.policy.digest(), inputs[0].shape
+            plan,
+            runtime.manifest.digest(),
+            runtime.policy.digest(),
+            inputs[0].shape,
+            source=args.plan,
         )
-        runtime.use_plan(plan, **dims_of(runtime.manifest, inputs))
+        runtime.use_plan(plan, source=args.plan, **dims_of(runtime.manifest, inputs))
 
     def request() -> tuple[Any, Any, bool]:
         result = runtime.run(*inputs)
@@ -429,18 +465,20 @@ def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]
             else:
                 arrays.append(rng.standard_normal(shape).astype(spec.dtype))
         return tuple(arrays)
+    import zipfile
+
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as f:  # ours to close, whatever np.load makes of it
+            loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                return (loaded,)
+            names = [spec.name for spec in manifest.inputs]
+            missing = [n for n in names if n not in loaded.files]
+            if missing:
+                raise InputError(f"--input {path}: missing arrays {missing}; expected {names}")
+            return tuple(loaded[n] for n in names)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"--input {path}: cannot read a .npy/.npz array ({exc})") from None
-    if isinstance(loaded, np.ndarray):
-        return (loaded,)
-    with loaded:
-        names = [spec.name for spec in manifest.inputs]
-        missing = [n for n in names if n not in loaded.files]
-        if missing:
-            raise InputError(f"--input {path}: missing arrays {missing}; expected {names}")
-        return tuple(loaded[n] for n in names)
 
 
 def _save_output(path: str, array: Any) -> None:

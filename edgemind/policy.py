@@ -108,8 +108,9 @@ class Policy:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """A short hash of everything that affects a plan (not the metrics settings)."""
-        planning = {k: v for k, v in self.to_dict().items() if not k.startswith("metrics_")}
+        """A short hash of everything that affects a plan (not metrics or verification)."""
+        ignored = ("metrics_enable_http", "metrics_http_addr", "verify_checksums")
+        planning = {k: v for k, v in self.to_dict().items() if k not in ignored}
         blob = json.dumps(planning, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -198,8 +199,9 @@ def load_policy(
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key not in {f.name for f in dataclasses.fields(Policy)}:
-            raise PolicyError(f"unknown policy field {key!r}")
+        names = [f.name for f in dataclasses.fields(Policy)]
+        if key not in names:
+            raise PolicyError(f"unknown policy field {key!r}; valid fields: {', '.join(names)}")
         fields[key] = value
     try:
         return Policy(**fields)

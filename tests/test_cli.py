@@ -165,11 +165,11 @@ def test_run_with_input_file_and_plan_file(capsys, toy_model, tmp_path):
     ("argv", "needles"),
     [
         (("inspect", "{missing}"), ("model directory not found",)),
-        (("plan", "{model}", "--arena-mb", "-3"), ("--arena-mb",)),
         (("plan", "{model}", "--policy", "{bad_policy}"), ("unknown key model.size",)),
         (("run", "{model}", "--input", "{missing}"), ("--input",)),
         (("run", "{model}", "--input", "{wrong_shape}"), ("expected shape",)),
-        (("run", "{model}", "--random-input", "--batch", "0"), ("--batch",)),
+        (("run", "{model}", "--input", "{not_zip}"), ("--input",)),
+        (("plan", "{model}", "--out", "{tmp}"), ("--out", "writable")),
         (("run", "{model}", "--random-input", "--plan", "{garbage}"), ("plan",)),
     ],
 )
@@ -177,7 +177,10 @@ def test_bad_input_is_one_line_exit_1(capsys, toy_model, tmp_path, argv, needles
     (tmp_path / "bad.yaml").write_text("model:\n  size: 3\n")
     np.save(tmp_path / "wrong.npy", np.ones((1, 7), np.float32))
     (tmp_path / "garbage.msgpack").write_bytes(b"not a plan")
+    (tmp_path / "not_zip.npz").write_bytes(b"PK\x03\x04 but not a zip archive")
     names = {
+        "tmp": tmp_path,
+        "not_zip": tmp_path / "not_zip.npz",
         "missing": tmp_path / "missing",
         "model": toy_model,
         "bad_policy": tmp_path / "bad.yaml",
@@ -211,3 +214,33 @@ def test_failed_run_writes_no_output(capsys, toy_model, tmp_path):
     assert_one_line_error(err)
     assert not target.exists()
     assert not list(tmp_path.glob(".y.npy*"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("plan", "{model}", "--arena-mb", "-3"),
+        ("plan", "{model}", "--arena-bytes", "0"),
+        ("run", "{model}", "--random-input", "--batch", "0"),
+        ("run", "{model}", "--random-input", "--repeat", "0"),
+        ("run", "{model}", "--random-input", "--linger", "-1"),
+        ("run", "{model}", "--random-input", "--keep-resident", "0"),
+        ("run", "{model}"),  # no input source
+        ("run", "{model}", "--random-input", "--input", "x.npy"),
+    ],
+)
+def test_bad_usage_exits_2(capsys, toy_model, argv):
+    code, out, err = run_cli(capsys, *(a.format(model=toy_model) for a in argv))
+    assert code == EXIT_USAGE
+    assert "usage:" in err and "Traceback" not in err and out == ""
+
+
+def test_inspect_verify_fails_on_a_corrupted_payload(capsys, toy_model, tmp_path):
+    model = shutil.copytree(toy_model, tmp_path / "toy")
+    victim = model / "layers" / "02_L2.msgpack"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "inspect", model, "--verify")
+    assert code == EXIT_ERROR and "verified" not in out
+    assert "L2" in err and "Traceback" not in err

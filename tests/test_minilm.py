@@ -255,7 +255,9 @@ def test_cli_embeds_texts(model, tmp_path, capsys):
     from edgemind.cli import EXIT_ERROR, EXIT_OK, main
 
     texts = tmp_path / "texts.txt"
-    texts.write_text("A man is eating food.\n\nThe girl is carrying a baby.\n")
+    texts.write_text(
+        "A man is eating bread.\nA man is eating food.\n\nThe girl is carrying a baby.\n"
+    )
     out = tmp_path / "vectors.npy"
     code = main(
         [
@@ -263,8 +265,6 @@ def test_cli_embeds_texts(model, tmp_path, capsys):
             str(model),
             "--arena-mb",
             "18",
-            "--text",
-            "A man is eating bread.",
             "--text-file",
             str(texts),
             "--output",
@@ -307,3 +307,9 @@ def test_pinning_never_keeps_a_requests_embedding_rows(model):
     assert out2.report.bytes_read == plan.streamed_bytes > 0  # the rows, read again
     np.testing.assert_allclose(out1, reference.run(first[0], first[1]), atol=1e-6)
     np.testing.assert_allclose(out2.output, reference.run(second[0], second[1]), atol=1e-6)
+
+
+def test_token_ids_outside_the_vocabulary_are_an_input_error(rt18):
+    ids = np.array([[101, 99_999, 102]], np.int32)
+    with pytest.raises(InputError, match="99999"):
+        rt18.run(ids, np.ones_like(ids))

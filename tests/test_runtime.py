@@ -197,3 +197,87 @@ def test_direct_reads_match_buffered(toy_model, reference, prefetch):
     assert verify_plan(plan) == []
     np.testing.assert_array_equal(result.output, reference.run(x))
     assert result.report.bytes_read == plan.streamed_bytes
+
+
+def _ctx_apply(params, x, ctx):
+    import jax.numpy as jnp
+
+    return x @ params["w"] + jnp.sum(ctx["c1"], -1, keepdims=True) + 2 * ctx["c2"][:, :1]
+
+
+def _ctx_reference(params, x, ctx):
+    return x @ params["w"] + ctx["c1"].sum(-1, keepdims=True) + 2 * ctx["c2"][:, :1]
+
+
+def test_several_context_inputs_each_get_their_own_bytes(tmp_path):
+    """Context inputs share one arena buffer; odd sizes must not overlap one another."""
+    from edgemind.layers.registry import LayerKind, known_kinds, register
+    from edgemind.weights import ModelWriter
+    from edgemind.weights.manifest import InputSpec
+
+    if "test_ctx_dense" not in known_kinds():
+        register(LayerKind("test_ctx_dense", _ctx_apply, _ctx_reference, ("w",)))
+    rng = np.random.default_rng(0)
+    inputs = [InputSpec("x", "float32", ("batch", 64)), InputSpec("c1", "float32", ("batch", 17)),
+              InputSpec("c2", "float32", ("batch", 17))]  # fmt: skip
+    with ModelWriter(tmp_path / "m", model_name="ctx", inputs=inputs) as w:
+        for i in range(3):
+            weights = rng.standard_normal((64, 64)).astype(np.float32)
+            w.add_layer(f"d{i}", "test_ctx_dense", {}, [("w", weights)])
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    c1 = np.full((2, 17), 1.5, np.float32)
+    c2 = np.full((2, 17), 9.0, np.float32)
+    want = InMemoryModel(tmp_path / "m").run(x, c1, c2, numpy=True)
+    for keep in (1, "auto"):
+        with Runtime.open(tmp_path / "m", keep_resident_layers=keep) as rt:
+            got = rt.run(x, c1, c2).output
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_a_failed_pinned_read_leaves_the_runtime_usable(toy_model, tmp_path, reference):
+    from edgemind.errors import ChecksumError
+
+    model = shutil.copytree(toy_model, tmp_path / "toy")
+    victim = model / "layers" / "08_L8.msgpack"
+    good = victim.read_bytes()
+    bad = bytearray(good)
+    bad[-100] ^= 0xFF
+    victim.write_bytes(bytes(bad))
+    x = x_of(1)
+    rt = Runtime.open(model, arena_capacity_bytes=200 * MIB, keep_resident_layers="auto",
+                      verify_checksums=True)  # fmt: skip
+    with rt:
+        assert "L8" in rt.plan(batch=1).pinned_layers
+        with pytest.raises(ChecksumError, match="L8"):
+            rt.run(x)
+        victim.write_bytes(good)
+        np.testing.assert_array_equal(rt.run(x).output, reference.run(x))
+
+
+def test_a_plan_for_another_shape_is_refused(toy_model):
+    from edgemind.errors import PlanError
+
+    with Runtime.open(toy_model) as rt:
+        plan = rt.plan(batch=1)
+        with pytest.raises(PlanError, match="shape"):
+            rt.use_plan(plan, batch=2)
+
+
+def test_requests_from_two_threads_take_turns(toy_model, reference):
+    import threading
+
+    xs = [x_of(2, seed) for seed in range(6)]
+    outputs: dict[int, np.ndarray] = {}
+    with Runtime.open(toy_model) as rt:
+
+        def worker(ids):
+            for i in ids:
+                outputs[i] = rt.run(xs[i]).output
+
+        threads = [threading.Thread(target=worker, args=(r,)) for r in (range(0, 3), range(3, 6))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(outputs[i], reference.run(x))

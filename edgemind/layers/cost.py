@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from edgemind.errors import ModelFormatError
 from edgemind.layers.registry import freeze_config, get_kind, jitted
 from edgemind.planner.plan import CostTable, ExitCost, UnitCost
+from edgemind.units import align_up
 from edgemind.weights.manifest import DTYPES, LayerSpec, Manifest, all_layer_specs
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per array
@@ -192,6 +193,9 @@ def unit_cost(
     return cost, out
 
 
+CONTEXT_ALIGNMENT = 64  # each context input's start in its shared buffer: JAX's zero-copy minimum
+
+
 def compiled_units(
     manifest: Manifest, dims: Mapping[str, int], units: Sequence[str]
 ) -> dict[str, jax.stages.Compiled]:
@@ -244,5 +248,6 @@ def cost_table(manifest: Manifest, dims: Mapping[str, int]) -> CostTable:
         input_bytes=struct_nbytes(structs[0]),
         layers=tuple(layers),
         exits=tuple(exits),
-        context_bytes=sum(struct_nbytes(s) for s in structs[1:]),
+        # context inputs share one arena buffer, each starting on a zero-copy boundary
+        context_bytes=sum(align_up(struct_nbytes(s), CONTEXT_ALIGNMENT) for s in structs[1:]),
     )

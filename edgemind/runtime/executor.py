@@ -20,10 +20,16 @@ from typing import Any
 import numpy as np
 
 from edgemind.errors import EdgemindError, MemoryQuotaExceeded
-from edgemind.layers.cost import compiled_units, gathered_tensors, param_structs
+from edgemind.layers.cost import (
+    CONTEXT_ALIGNMENT,
+    compiled_units,
+    gathered_tensors,
+    param_structs,
+)
 from edgemind.planner.plan import Buffer, Plan
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
+from edgemind.units import align_up
 from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import Manifest, all_layer_specs
 from edgemind.weights.reader import direct_read_nbytes, read_rows_into, read_tensors_into
@@ -123,8 +129,6 @@ class Executor:
         arena.reset_peak()
         ids = x if any(gathered_tensors(s) for s in self._specs.values()) else None
         loads: dict[str, tuple[float, int]] = {}
-        if self._pinned and not self._pinned_loaded:
-            loads = self._load_pinned(ids)
         pending: dict[int, Future[tuple[float, int]]] = {}
         acts: dict[int, tuple[np.dtype, tuple[int, ...]]] = {}
         ctx: dict[str, np.ndarray] = {}
@@ -133,6 +137,8 @@ class Executor:
         ends: list[float] = []
         output: np.ndarray | None = None
         try:
+            if self._pinned and not self._pinned_loaded:
+                loads = self._load_pinned(ids)
             for step in plan.steps:
                 for buf in self._born.get(step.index, ()):
                     arena.reserve(buf, step.index)
@@ -173,17 +179,25 @@ class Executor:
         for buf in self.plan.buffers:
             if buf.role != "activation" or buf.layer not in ("input", "context"):
                 continue
-            if buf.layer == "input":
-                acts[buf.id] = (x.dtype, x.shape)
-                self._activation(buf.id, acts)[...] = x
-                continue
+            arrays = (
+                [("input", x)]
+                if buf.layer == "input"
+                else [(inp.name, context[inp.name]) for inp in self.manifest.inputs[1:]]
+            )
             offset = buf.offset_bytes or 0  # context inputs share one buffer, each aligned
-            for inp in self.manifest.inputs[1:]:
-                arr = context[inp.name]
+            for name, arr in arrays:
+                if offset + arr.nbytes > buf.end_bytes:
+                    raise MemoryQuotaExceeded(
+                        f"input {name!r} ({arr.nbytes} bytes) does not fit its planned "
+                        f"{buf.nbytes}-byte buffer; the plan is for another input shape"
+                    )
                 view = self._view(offset, arr.dtype, arr.shape)
                 view[...] = arr
-                ctx[inp.name] = view
-                offset += -(-arr.nbytes // self.plan.alignment_bytes) * self.plan.alignment_bytes
+                if buf.layer == "input":
+                    acts[buf.id] = (arr.dtype, arr.shape)
+                else:
+                    ctx[name] = view
+                offset += align_up(arr.nbytes, CONTEXT_ALIGNMENT)
         return ctx
 
     def _view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

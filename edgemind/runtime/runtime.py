@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemind.errors import InputError, MemoryQuotaExceeded
+from edgemind.errors import InputError, MemoryQuotaExceeded, ModelFormatError
 from edgemind.layers.cost import cost_table
 from edgemind.planner import make_plan
 from edgemind.planner.plan import CostTable, Plan
@@ -67,6 +68,27 @@ def _check_input(spec: InputSpec, arr: np.ndarray, dims: dict[str, int]) -> None
             raise InputError(f"input {spec.name!r}: expected shape {expected}, got {arr.shape}")
 
 
+def input_structs_shape(manifest: Manifest, dims: dict[str, int]) -> tuple[int, ...]:
+    """The chain input's concrete shape for ``dims`` (a missing dim is an InputError)."""
+    try:
+        return manifest.inputs[0].concrete_shape(dims)
+    except ModelFormatError as exc:
+        raise InputError(str(exc)) from None
+
+
+def check_token_ids(manifest: Manifest, x: np.ndarray) -> None:
+    """Ids that index a gathered table (token ids) must be rows of it."""
+    first = manifest.layers[0]
+    for name in first.config.get("gathered", ()):
+        rows = first.tensor(name).shape[0]
+        if x.size and (int(x.min()) < 0 or int(x.max()) >= rows):
+            bad = int(x.min()) if int(x.min()) < 0 else int(x.max())
+            raise InputError(
+                f"input {manifest.inputs[0].name!r} holds id {bad}; {first.name}.{name} has "
+                f"rows 0..{rows - 1} (are these ids from this model's tokenizer?)"
+            )
+
+
 def quota_message(plan: Plan, policy: Policy) -> str:
     """One line: what does not fit, by how much, and what to change."""
     need = plan.min_capacity_bytes
@@ -96,7 +118,9 @@ class Runtime:
     """A model opened under a policy: plans request shapes and runs requests.
 
     One arena is held at a time; layers the plan pins stay resident in it across
-    requests of the same shape, so only the streamed layers are read again.
+    requests of the same shape, so only the streamed layers are read again. Requests
+    from several threads take turns. Opening a runtime limits glibc to one malloc arena
+    and each request resets the process's RSS high-water mark (docs/design.md says why).
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], manifest: Manifest, policy: Policy):
@@ -108,6 +132,7 @@ class Runtime:
         self._executor: Executor | None = None
         self.last_plan: Plan | None = None  # the plan of the latest request
         self._meter: PeakRssMeter | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -150,14 +175,24 @@ class Runtime:
             )
         return self._plans[key]
 
-    def use_plan(self, plan: Plan, **dims: int) -> None:
-        """Adopt a plan loaded from a file for the shape it was made for."""
+    def use_plan(self, plan: Plan, *, source: str = "the plan", **dims: int) -> None:
+        """Adopt a plan (loaded from a file) for the request shape ``dims``; it must have
+        been made for this model, this policy and that shape."""
+        from edgemind.planner.planfile import check_plan_matches
+
+        shape = input_structs_shape(self.manifest, dims)
+        check_plan_matches(plan, self.manifest.digest(), self.policy.digest(), shape, source=source)
         self._plans[tuple(sorted(dims.items()))] = plan
 
     def run(self, x: np.ndarray, *context: np.ndarray) -> Result:
         """Run one request. Raises :class:`MemoryQuotaExceeded` before reading any
         weight when the plan rejects it; returns partial output on an early exit."""
+        with self._lock:  # one arena: requests on one runtime run one at a time
+            return self._run(x, *context)
+
+    def _run(self, x: np.ndarray, *context: np.ndarray) -> Result:
         dims = dims_of(self.manifest, (x, *context))
+        check_token_ids(self.manifest, x)
         plan = self.last_plan = self.plan(**dims)
         if plan.status == "infeasible":
             error = MemoryQuotaExceeded(
@@ -181,9 +216,6 @@ class Runtime:
         if current is not None and current.plan is plan and current.arena is not None:
             return current
         self.close()  # one arena at a time: the old one goes before the new one comes
-        # The baseline is taken warmed up (the plan's costing compiled every unit) and
-        # before the arena's pages are touched: model memory is what rises above it.
-        self._meter = PeakRssMeter()
         self._executor = Executor(
             self.model_dir,
             self.manifest,
@@ -192,6 +224,10 @@ class Runtime:
             verify=self.policy.verify_checksums,
             direct=self.policy.read_mode == "direct",
         )
+        # The baseline is taken warmed up (the executor has every unit compiled, even for
+        # a plan loaded from a file) and before the arena's pages are touched (np.empty
+        # maps them lazily): model memory is what rises above it.
+        self._meter = PeakRssMeter()
         return self._executor
 
     def close(self) -> None:
