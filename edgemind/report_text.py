@@ -12,7 +12,7 @@ Pure functions: the CLI prints what they return.
 ...     capacity_bytes=1 << 20, arena_bytes=4096, plan_peak_bytes=8192,
 ...     arena_peak_used_bytes=4096, observed_peak_bytes=None, bytes_read=2048,
 ...     latency_s=0.0125, layers=(LayerTiming("l0", 0.002, 0.001, 2048),),
-...     arena_used_bytes_per_step=(4096, 1024))
+...     arena_used_bytes_per_step=(4096, 1024), arena_held_bytes=1024)
 >>> d = report_dict(report)
 >>> d["layer_load_time_ms"], d["inference_latency_ms"], d["model_arena_usage_bytes"]
 (2.0, 12.5, 1024)
@@ -38,13 +38,12 @@ ORIGINAL_NAMES: tuple[str, ...] = (
 
 
 def arena_usage_bytes(report: RunReport) -> int:
-    """Arena bytes in use when the request ended: the ledger's live bytes at its last step.
+    """Arena bytes in use when the request ended: what the ledger still holds.
 
-    What stays held between requests (pinned layers); 0 when no step ran (a rejection).
+    What stays held between requests (pinned layers); 0 when nothing ran (a rejection).
     The peak during the request is ``report.arena_peak_used_bytes``.
     """
-    steps = report.arena_used_bytes_per_step
-    return steps[-1] if steps else 0
+    return report.arena_held_bytes
 
 
 def exit_level_value(report: RunReport) -> int:

@@ -56,6 +56,7 @@ def make_report(outcome: str = "complete", **changes: object) -> RunReport:
         layers=layers,
         arena_used_bytes_per_step=(1 << 20, 5 << 20, 4 << 20, 2 << 20),
         step_end_s=(0.001, 0.005, 0.009, 0.012),
+        arena_held_bytes=2 << 20,
     )
     if outcome == "early_exit":
         base = dataclasses.replace(
@@ -73,6 +74,7 @@ def make_report(outcome: str = "complete", **changes: object) -> RunReport:
             outcome="rejected",
             exit_level=None,
             arena_bytes=0,
+            arena_held_bytes=0,
             plan_peak_bytes=80 << 20,
             arena_peak_used_bytes=0,
             observed_peak_bytes=None,
@@ -120,7 +122,7 @@ def test_complete_run(registry: CollectorRegistry) -> None:
     assert value(registry, "edgemind_quota_exceeded_total") == 0.0
     assert value(registry, "edgemind_weight_read_bytes_total") == 3 << 20
     assert value(registry, "edgemind_arena_capacity_bytes") == CAPACITY
-    assert value(registry, "edgemind_arena_used_bytes") == 2 << 20  # the last step
+    assert value(registry, "edgemind_arena_used_bytes") == 2 << 20  # held at the end
     assert value(registry, "edgemind_arena_allocated_bytes") == 6 << 20
     assert value(registry, "edgemind_plan_peak_bytes") == 7 << 20
     assert value(registry, "edgemind_arena_peak_used_bytes") == 5 << 20

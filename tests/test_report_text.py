@@ -33,6 +33,7 @@ REPORT = RunReport(
         LayerTiming("block_0", load_s=0.0125, compute_s=0.002, bytes_read=2 << 20),
     ),
     arena_used_bytes_per_step=(1 << 20, 3 << 20, 1 << 20),
+    arena_held_bytes=1 << 20,
 )
 
 
@@ -64,7 +65,7 @@ def make_plan(streamed_bytes: int) -> Plan:
 def test_dict_has_the_original_names_first_with_units_in_names() -> None:
     d = report_dict(REPORT)
     assert tuple(d)[: len(ORIGINAL_NAMES)] == ORIGINAL_NAMES
-    assert d["model_arena_usage_bytes"] == 1 << 20  # in use at the last step
+    assert d["model_arena_usage_bytes"] == 1 << 20  # still held when the request ended
     assert d["model_arena_capacity_bytes"] == 10 << 20
     assert d["layer_load_time_ms"] == 12.75
     assert d["inference_latency_ms"] == 20.123
@@ -91,6 +92,7 @@ def test_rejected_report() -> None:
         arena_used_bytes_per_step=(),
         plan_peak_bytes=12 << 20,
         quota_exceeded=True,
+        arena_held_bytes=0,
     )
     assert arena_usage_bytes(rejected) == 0
     d = report_dict(rejected)

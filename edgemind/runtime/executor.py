@@ -255,6 +255,7 @@ class Executor:
             arena_used_bytes_per_step=tuple(usage),
             step_end_s=tuple(ends),
             quota_exceeded=not plan.complete,
+            arena_held_bytes=self.arena.live_bytes,
         )
         final = None if output is None else np.array(output, copy=True)
         return Result(final, plan.complete, plan.exit_level, report)

@@ -42,6 +42,7 @@ class RunReport:
     arena_used_bytes_per_step: tuple[int, ...] = ()  # ledger's bytes during each step (pre-free)
     step_end_s: tuple[float, ...] = ()  # seconds since the request began, at each step's end
     quota_exceeded: bool = False  # the complete run did not fit (early exit or rejection)
+    arena_held_bytes: int = 0  # ledger bytes still held after the request (pinned layers)
 
     @property
     def load_s(self) -> float:
