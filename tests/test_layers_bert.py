@@ -8,7 +8,6 @@ import pytest
 from edgemind.errors import InputError
 from edgemind.layers import TRACE_COUNTS, get_kind, jitted, reference
 from edgemind.layers import bert as bert
-from edgemind.weights.manifest import LayerSpec, TensorSpec
 
 TOL = {"rtol": 2e-5, "atol": 2e-5}
 
@@ -147,15 +146,5 @@ def test_embeddings_reject_the_whole_table_and_too_long_inputs():
         bert.gather_params(emb, np.array([[13]]), ["word_embeddings"])
 
 
-def test_request_tensor_bytes_counts_only_the_gathered_rows():
-    table = TensorSpec("word_embeddings", "float32", (1000, 8), 32000, 0, "0" * 8)
-    pos = TensorSpec("position_embeddings", "float32", (20, 8), 640, 32768, "0" * 8)
-    spec = LayerSpec("embeddings", "bert_embeddings", EMB_CONFIG, "e.msgpack", (table, pos))
-    assert bert.request_tensor_bytes(spec, (2, 16)) == (
-        ("word_embeddings", 2 * 16 * 8 * 4),
-        ("position_embeddings", 640),
-    )
-    assert bert.request_tensor_shapes(spec, (2, 16))[0] == ("word_embeddings", (32, 8), "float32")
-    plain = LayerSpec("embeddings", "bert_embeddings", {}, "e.msgpack", (table,))
-    assert bert.request_tensor_bytes(plain, (2, 16)) == (("word_embeddings", 32000),)
+def test_gathered_rows_are_the_flat_ids():
     assert bert.gathered_rows(np.array([[3, 1], [2, 2]])).tolist() == [3, 1, 2, 2]

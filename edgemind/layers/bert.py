@@ -10,8 +10,8 @@ sentence-transformers' mean pooling and L2 normalisation:
   rows of the request's tokens, so ``apply`` receives ``(batch * seq, hidden)`` rows in
   token order (row ``i`` is ``table[input_ids.flat[i]]``, see :func:`gathered_rows`),
   never the whole table. The layer config lists such tensors under ``"gathered"``;
-  :func:`request_tensor_shapes` and :func:`request_tensor_bytes` give what a request
-  actually loads, and :func:`gather_params` does the gather for in-memory callers.
+  :func:`edgemind.layers.cost.param_structs` gives what a request actually loads, and
+  :func:`gather_params` does the gather for in-memory callers.
 - ``bert_encoder``: masked multi-head self-attention, add & norm, GELU feed-forward,
   add & norm. The mask (``ctx["attention_mask"]``, 1 = token, 0 = padding) hides
   padded keys, so padding never changes what the real tokens compute.
@@ -31,7 +31,6 @@ import numpy as np
 
 from edgemind.errors import InputError
 from edgemind.layers.registry import Context, LayerKind, Params, register
-from edgemind.weights.manifest import LayerSpec, dtype_itemsize
 
 EMBEDDING_TENSORS = (
     "word_embeddings",  # gathered: (batch * seq, hidden), one row per token
@@ -72,44 +71,6 @@ def gathered_rows(input_ids: Any) -> np.ndarray:
     [101, 7592, 102, 101, 102, 0]
     """
     return np.asarray(input_ids).reshape(-1).astype(np.int64)
-
-
-def _gathered_names(spec: LayerSpec) -> tuple[str, ...]:
-    return tuple(spec.config.get("gathered", ()))
-
-
-def request_tensor_shapes(
-    spec: LayerSpec, input_shape: Sequence[int]
-) -> tuple[tuple[str, tuple[int, ...], str], ...]:
-    """``(name, shape, dtype)`` of each tensor as ``apply`` receives it for one request.
-
-    Gathered tensors (the layer config's ``"gathered"``) hold one row per token,
-    ``prod(input_shape)`` rows; every other tensor is loaded whole.
-    """
-    rows = math.prod(int(d) for d in input_shape)
-    gathered = _gathered_names(spec)
-    return tuple(
-        (t.name, (rows, *t.shape[1:]) if t.name in gathered else t.shape, t.dtype)
-        for t in spec.tensors
-    )
-
-
-def request_tensor_bytes(
-    spec: LayerSpec, input_shape: Sequence[int]
-) -> tuple[tuple[str, int], ...]:
-    """``(name, bytes)`` a request loads per tensor: a gathered one costs only its rows.
-
-    >>> from edgemind.weights.manifest import TensorSpec
-    >>> table = TensorSpec("word_embeddings", "float32", (30522, 384), 46881792, 0, "0" * 8)
-    >>> spec = LayerSpec("embeddings", "bert_embeddings", {"gathered": ["word_embeddings"]},
-    ...                  "embeddings.msgpack", (table,))
-    >>> request_tensor_bytes(spec, (2, 16))
-    (('word_embeddings', 49152),)
-    """
-    return tuple(
-        (name, math.prod(shape) * dtype_itemsize(dtype))
-        for name, shape, dtype in request_tensor_shapes(spec, input_shape)
-    )
 
 
 def gather_params(params: Params, input_ids: Any, gathered: Sequence[str]) -> dict[str, Any]:
