@@ -201,3 +201,26 @@ def test_manifest_written_is_what_the_reader_parses(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert data["format"] == "edgemind-model" and data["format_version"] == 1
     assert load_manifest(tmp_path / "m").to_json() == data
+
+
+def test_side_files_land_with_the_model_or_not_at_all(tmp_path: Path) -> None:
+    from edgemind.errors import ModelFormatError
+    from edgemind.weights import ModelWriter
+    from edgemind.weights.manifest import InputSpec
+
+    side = tmp_path / "tokenizer.json"
+    side.write_text("{}")
+    inputs = [InputSpec("x", "float32", ("batch", 4))]
+    with ModelWriter(tmp_path / "ok", model_name="m", inputs=inputs) as w:
+        w.add_layer("l0", "dense", {}, [("w", np.ones((4, 4), np.float32))])
+        w.add_file("tokenizer.json", side)
+    assert (tmp_path / "ok" / "tokenizer.json").read_text() == "{}"
+    bad = ModelWriter(tmp_path / "bad", model_name="m", inputs=inputs)
+    with pytest.raises(ModelFormatError, match="plain file name"), bad as w:
+        w.add_file("../escape.json", side)
+    missing = ModelWriter(tmp_path / "missing", model_name="m", inputs=inputs)
+    with pytest.raises(ModelFormatError, match="cannot copy"), missing as w:
+        w.add_layer("l0", "dense", {}, [("w", np.ones((4, 4), np.float32))])
+        w.add_file("tokenizer.json", tmp_path / "nope.json")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "tokenizer.json"]

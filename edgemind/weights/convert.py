@@ -16,7 +16,6 @@ import difflib
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -345,14 +344,6 @@ def convert_safetensors(
                 index = unit.rsplit("_", 1)[1]
                 head = (f"pool_{index}", "mean_pool_l2", configs["mean_pool_l2"], [])
             writer.add_layer(unit, kind, configs[kind], sources, exit_head=head)
-    _copy_side_files(src, out, files)
+        for name in files:  # committed with the weights: all or nothing
+            writer.add_file(name, src / name)
     return out
-
-
-def _copy_side_files(src: Path, out: Path, files: list[str]) -> None:
-    # The writer commits weights and manifest atomically; these small files follow,
-    # each written to a temporary name and renamed, so none is ever half-written.
-    for name in files:
-        tmp = out / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, out / name)

@@ -269,6 +269,22 @@ class ModelWriter:
         self._layers.append(layer)
         return layer
 
+    def add_file(self, name: str, source: str | os.PathLike[str]) -> None:
+        """Copy a side file (a tokenizer, a config) into the model; it lands with the rest.
+
+        ``name`` is a plain file name inside the model directory, not ``manifest.json``.
+        """
+        if self._tmp is None:
+            raise ModelFormatError("ModelWriter.add_file must be called inside `with ModelWriter`")
+        if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST_NAME, "layers"):
+            raise ModelFormatError(f"side file name {name!r} must be a plain file name")
+        try:
+            shutil.copyfile(source, self._tmp / name)
+        except OSError as exc:
+            raise ModelFormatError(
+                f"{source}: cannot copy into the model ({exc.strerror})"
+            ) from None
+
     def _write(
         self,
         name: str,
