@@ -281,3 +281,20 @@ def test_requests_from_two_threads_take_turns(toy_model, reference):
             t.join()
     for i, x in enumerate(xs):
         np.testing.assert_array_equal(outputs[i], reference.run(x))
+
+
+def test_rejection_says_what_the_shallowest_exit_needs(toy_model):
+    from edgemind.planner import level_min_capacity
+
+    rt = Runtime.open(toy_model, arena_capacity_bytes=2 * MIB)
+    with rt, pytest.raises(MemoryQuotaExceeded, match=r"exit level 1 alone needs (\d+\.\d\d)"):
+        rt.run(x_of(1))
+    with Runtime.open(toy_model) as big:
+        need = level_min_capacity(
+            big.costs(batch=1), big.policy.replace(arena_capacity_bytes=2 * MIB), 1
+        )
+    assert need is not None
+    with Runtime.open(toy_model, arena_capacity_bytes=need) as ok:
+        assert ok.plan(batch=1).exit_level == 1
+    with Runtime.open(toy_model, arena_capacity_bytes=need - 64) as short:
+        assert short.plan(batch=1).status == "infeasible"

@@ -27,7 +27,12 @@ from edgemind.planner.plan import (
     Witness,
 )
 from edgemind.planner.planfile import check_plan_matches, load_plan, save_plan
-from edgemind.planner.schedule import chain_units, make_plan, validate_costs
+from edgemind.planner.schedule import (
+    chain_units,
+    level_min_capacity,
+    make_plan,
+    validate_costs,
+)
 from edgemind.planner.verify import check_plan, verify_plan
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "chain_units",
     "check_plan",
     "check_plan_matches",
+    "level_min_capacity",
     "load_plan",
     "make_plan",
     "save_plan",

@@ -540,3 +540,20 @@ def _materialize(
         manifest_digest=digests[0],
         policy_digest=digests[1],
     )
+
+
+def level_min_capacity(costs: CostTable, policy: Policy, level: int) -> int | None:
+    """The smallest capacity at which exit ``level`` (its prefix and head) runs.
+
+    >>> from edgemind.planner.plan import CostTable, ExitCost, UnitCost
+    >>> sizes = (("a", 4096), ("b", 65536))
+    >>> units = tuple(UnitCost(n, "dense", (("w", b),), 64, 64) for n, b in sizes)
+    >>> costs = CostTable("m", (1,), 64, units, (ExitCost(1, 0, None), ExitCost(2, 1, None)))
+    >>> level_min_capacity(costs, Policy(), 1) < level_min_capacity(costs, Policy(), 2)
+    True
+    """
+    exit_ = costs.exits[level - 1]
+    prefix = dataclasses.replace(
+        costs, layers=costs.layers[: exit_.after_layer + 1], exits=costs.exits[:level]
+    )
+    return make_plan(prefix, policy).min_capacity_bytes

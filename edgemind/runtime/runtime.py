@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from edgemind.errors import InputError, MemoryQuotaExceeded, ModelFormatError
 from edgemind.layers.cost import cost_table
-from edgemind.planner import make_plan
+from edgemind.planner import level_min_capacity, make_plan
 from edgemind.planner.plan import CostTable, Plan
 from edgemind.policy import Policy, load_policy
 from edgemind.runtime.executor import Executor
@@ -89,8 +90,16 @@ def check_token_ids(manifest: Manifest, x: np.ndarray) -> None:
             )
 
 
-def quota_message(plan: Plan, policy: Policy) -> str:
-    """One line: what does not fit, by how much, and what to change."""
+def _mib_up(nbytes: int) -> str:
+    """MiB to two decimals, rounded up: a capacity that is enough."""
+    return f"{math.ceil(nbytes * 100 / MIB) / 100:.2f}"
+
+
+def quota_message(plan: Plan, policy: Policy, shallowest_bytes: int | None = None) -> str:
+    """One line: what does not fit, by how much, and what to change.
+
+    ``shallowest_bytes``: what exit level 1 alone would need, when no level fits.
+    """
     need = plan.min_capacity_bytes
     witness = plan.witness
     where = (
@@ -99,14 +108,14 @@ def quota_message(plan: Plan, policy: Policy) -> str:
         else ""
     )
     fix = (
-        f"raise model.arena_capacity_mb to at least {need / MIB:.2f}"
+        f"raise model.arena_capacity_mb to at least {_mib_up(need)}"
         if need
         else "raise model.arena_capacity_mb"
     )
     if policy.on_memory_quota_exceeded == "reject_request":
         fix += " or set scheduler.on_memory_quota_exceeded: early_exit"
-    elif plan.status == "infeasible":
-        fix += " (no exit level fits either)"
+    elif plan.status == "infeasible" and shallowest_bytes and plan.num_levels > 1:
+        fix += f" (exit level 1 alone needs {_mib_up(shallowest_bytes)})"
     needs = format_bytes(need) if need else "more"
     return (
         f"{plan.model_name} at input {plan.input_shape} needs {needs}, the arena has "
@@ -195,8 +204,11 @@ class Runtime:
         check_token_ids(self.manifest, x)
         plan = self.last_plan = self.plan(**dims)
         if plan.status == "infeasible":
+            shallowest = None
+            if self.policy.on_memory_quota_exceeded == "early_exit":
+                shallowest = level_min_capacity(self.costs(**dims), self.policy, 1)
             error = MemoryQuotaExceeded(
-                quota_message(plan, self.policy),
+                quota_message(plan, self.policy, shallowest),
                 needed_bytes=plan.min_capacity_bytes or 0,
                 capacity_bytes=plan.capacity_bytes,
             )
