@@ -65,7 +65,11 @@ class Policy:
     def __post_init__(self) -> None:
         _check_int("model.arena_capacity_mb", self.arena_capacity_bytes, minimum=1)
         if self.keep_resident_layers != "auto":
-            _check_int("model.keep_resident_layers", self.keep_resident_layers, minimum=1)
+            value = self.keep_resident_layers
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyError(
+                    f"model.keep_resident_layers: expected an integer >= 1 or 'auto', got {value!r}"
+                )
         _check_int("model.prefetch_depth", self.prefetch_depth, minimum=0)
         _check_int("model.alignment_bytes", self.alignment_bytes, minimum=64)
         if self.alignment_bytes & (self.alignment_bytes - 1):
@@ -87,10 +91,10 @@ class Policy:
                 "scheduler.on_memory_quota_exceeded: expected one of "
                 f"{', '.join(QUOTA_ACTIONS)}, got {self.on_memory_quota_exceeded!r}"
             )
-        if not isinstance(self.metrics_http_addr, str) or not self.metrics_http_addr:
-            raise PolicyError(
-                f"metrics.http_addr: expected 'host:port', got {self.metrics_http_addr!r}"
-            )
+        addr = self.metrics_http_addr
+        port = addr.rpartition(":")[2] if isinstance(addr, str) else ""
+        if not port.isdigit() or int(port) > 65535:
+            raise PolicyError(f"metrics.http_addr: expected 'host:port', got {addr!r}")
 
     @property
     def buffer_alignment_bytes(self) -> int:
@@ -137,9 +141,12 @@ def _capacity_from_mb(where: str, value: object) -> int:
                 f"{where}: expected a positive number of MiB, got {value!r}"
             ) from None
     try:
-        return mib_to_bytes(value)  # type: ignore[arg-type]
+        nbytes = mib_to_bytes(value)  # type: ignore[arg-type]
     except ValueError:
         raise PolicyError(f"{where}: expected a positive number of MiB, got {value!r}") from None
+    if nbytes < 1:
+        raise PolicyError(f"{where}: {value!r} MiB is less than one byte")
+    return nbytes
 
 
 def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -90,7 +90,7 @@ class Tokenizer:
             metadata = json.loads((root / "manifest.json").read_text()).get("metadata", {})
         except (OSError, ValueError, AttributeError):
             metadata = {}
-        name = metadata.get("tokenizer", DEFAULT_TOKENIZER_FILE)
+        name = metadata.get("tokenizer") or DEFAULT_TOKENIZER_FILE
         path = root / str(name)
         if not path.is_file():
             raise ModelFormatError(

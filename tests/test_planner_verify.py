@@ -132,3 +132,19 @@ def test_verdict_consistency(plan: Plan) -> None:
 def test_dangling_ids_are_reported_not_crashed(plan: Plan) -> None:
     assert_caught(with_step(plan, 0, loads=(len(plan.buffers) + 3,)), "does not exist")
     assert_caught(with_buffer(plan, 0, last_step=len(plan.steps)), "outside 0..")
+
+
+def test_a_run_reading_another_units_weights_is_caught():
+    import dataclasses as dc
+
+    from edgemind.planner import CostTable, ExitCost, UnitCost, make_plan, verify_plan
+    from edgemind.policy import Policy
+
+    units = tuple(UnitCost(f"l{i}", "dense", (("w", 4096), ("b", 64)), 256, 256) for i in range(3))
+    costs = CostTable("m", (1, 8), 256, units, (ExitCost(1, 2, None),))
+    plan = make_plan(costs, Policy(arena_capacity_bytes=1 << 20, prefetch_depth=0))
+    runs = [s for s in plan.steps if s.action == "run"]
+    swapped = dc.replace(runs[2], weights=runs[1].weights)
+    steps = tuple(swapped if s.index == swapped.index else s for s in plan.steps)
+    problems = verify_plan(dc.replace(plan, steps=steps))
+    assert any("holds the weights of l1" in p for p in problems), problems

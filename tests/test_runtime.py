@@ -131,6 +131,10 @@ def test_pinned_layers_are_read_once(toy_model, reference):
         second = rt.run(x)
     assert first.report.bytes_read > second.report.bytes_read
     assert second.report.bytes_read == plan.streamed_bytes
+    pinned = sum(b.nbytes for b in plan.buffers if b.role == "pinned")
+    for report in (first.report, second.report):  # the ledger keeps the pins between requests
+        assert report.arena_held_bytes == pinned
+    assert first.report.arena_peak_used_bytes == second.report.arena_peak_used_bytes
     np.testing.assert_array_equal(second.output, reference.run(x))
 
 
@@ -298,3 +302,16 @@ def test_rejection_says_what_the_shallowest_exit_needs(toy_model):
         assert ok.plan(batch=1).exit_level == 1
     with Runtime.open(toy_model, arena_capacity_bytes=need - 64) as short:
         assert short.plan(batch=1).status == "infeasible"
+
+
+def test_an_edited_plan_is_refused(toy_model):
+    import dataclasses
+
+    from edgemind.errors import PlanError
+
+    with Runtime.open(toy_model, arena_capacity_bytes=40 * MIB) as rt:
+        plan = rt.plan(batch=1)
+        looser = dataclasses.replace(plan, capacity_bytes=100 * MIB)
+        with pytest.raises(PlanError, match="differs"):
+            rt.use_plan(looser, batch=1)
+        rt.use_plan(plan, batch=1)  # the genuine one is fine

@@ -88,7 +88,7 @@ def test_every_file_is_a_plain_msgpack_stream_of_header_padding_and_payloads(
 def test_file_names_follow_layer_order_and_are_sanitised(tmp_path: Path) -> None:
     with ModelWriter(tmp_path / "m", "toy", INPUTS) as w:
         w.add_layer("../evil/name", "dense", {}, [("w", np.ones(2, np.float32))])
-        w.add_layer("x", "dense", {}, [], exit_head=("x", "head", {}, []))
+        w.add_layer("x_", "dense", {}, [], exit_head=("x?", "head", {}, []))  # same stem
     manifest = load_manifest(tmp_path / "m")
     assert [layer.file for layer in manifest.layers] == [
         "layers/00_evil_name.msgpack",
@@ -186,7 +186,7 @@ def test_layer_validation(tmp_path: Path) -> None:
     writer = ModelWriter(tmp_path / "m", "toy", INPUTS)
     with pytest.raises(ModelFormatError, match=r"inside `with"):
         writer.add_layer("a", "dense", {}, [])
-    with pytest.raises(ModelFormatError, match=r"added twice"), writer as w:
+    with pytest.raises(ModelFormatError, match=r"names must be unique"), writer as w:
         w.add_layer("a", "dense", {}, [])
         w.add_layer("a", "dense", {}, [])
     with pytest.raises(ModelFormatError, match=r"'b': config is not JSON"), writer as w:
@@ -224,3 +224,10 @@ def test_side_files_land_with_the_model_or_not_at_all(tmp_path: Path) -> None:
         w.add_file("tokenizer.json", tmp_path / "nope.json")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "missing").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "tokenizer.json"]
+
+
+def test_an_exit_head_may_not_share_a_layers_name(tmp_path: Path) -> None:
+    writer = ModelWriter(tmp_path / "m", "toy", INPUTS)
+    with pytest.raises(ModelFormatError, match="names must be unique"), writer as w:
+        w.add_layer("a", "dense", {}, [], exit_head=("a", "exit_head", {}, []))
+    assert not (tmp_path / "m").exists()

@@ -200,6 +200,8 @@ def _run_buffers(plan: Plan, index: int, loaded_at: dict[int, int], end: int) ->
         w = plan.buffers[step.weights]
         if w.role not in ("weights", "prefetch", "pinned"):
             yield f"{where} reads weights from buffer {w.id}, a {w.role} buffer"
+        elif w.layer != step.layer:
+            yield f"{where} reads buffer {w.id}, which holds the weights of {w.layer}"
         elif not _alive(w, index):
             yield f"{where} reads weights buffer {w.id}, alive {w.first_step}..{w.last_step}"
         elif w.role == "pinned":

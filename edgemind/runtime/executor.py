@@ -155,8 +155,8 @@ class Executor:
                         loads[step.layer] = pending.pop(step.weights).result()
                     compute[step.layer], output = self._run_step(step, ctx, acts)
                 usage.append(arena.live_bytes)  # everything the step holds, before its frees
-                for bid in step.frees:
-                    if arena.is_live(bid):
+                for bid in step.frees:  # pinned layers stay for the next request
+                    if arena.is_live(bid) and plan.buffers[bid].role != "pinned":
                         arena.release(bid)
                 ends.append(time.perf_counter() - started)
         except BaseException:

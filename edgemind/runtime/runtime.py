@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemind.errors import InputError, MemoryQuotaExceeded, ModelFormatError
+from edgemind.errors import InputError, MemoryQuotaExceeded, ModelFormatError, PlanError
 from edgemind.layers.cost import cost_table
 from edgemind.planner import level_min_capacity, make_plan
 from edgemind.planner.plan import CostTable, Plan
@@ -185,13 +185,20 @@ class Runtime:
         return self._plans[key]
 
     def use_plan(self, plan: Plan, *, source: str = "the plan", **dims: int) -> None:
-        """Adopt a plan (loaded from a file) for the request shape ``dims``; it must have
-        been made for this model, this policy and that shape."""
+        """Adopt a plan (loaded from a file) for the request shape ``dims``.
+
+        It must be the plan this model, policy and shape give here, field for field: a
+        file reviewed elsewhere runs only if it is still exactly what will run.
+        """
         from edgemind.planner.planfile import check_plan_matches
 
         shape = input_structs_shape(self.manifest, dims)
         check_plan_matches(plan, self.manifest.digest(), self.policy.digest(), shape, source=source)
-        self._plans[tuple(sorted(dims.items()))] = plan
+        if plan != self.plan(**dims):
+            raise PlanError(
+                f"{source}: the plan differs from the one this model and policy give here "
+                "(edited, or costs measured by another jax/XLA); re-run `edgemind plan --out`"
+            )
 
     def run(self, x: np.ndarray, *context: np.ndarray) -> Result:
         """Run one request. Raises :class:`MemoryQuotaExceeded` before reading any

@@ -181,7 +181,8 @@ def max_seq_length(src: Path, cfg: Mapping[str, Any]) -> int:
     positions = int(cfg["max_position_embeddings"])
     path = src / SENTENCE_CONFIG_FILE
     if path.is_file():
-        value = _read_json(path).get("max_seq_length")
+        data = _read_json(path)
+        value = data.get("max_seq_length") if isinstance(data, Mapping) else None
         if isinstance(value, int) and not isinstance(value, bool) and 1 < value <= positions:
             return value
     return positions

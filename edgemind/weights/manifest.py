@@ -264,8 +264,12 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     if not layers or not inputs:
         raise ModelFormatError(f"{where}: a model needs at least one input and one layer")
     names = [layer.name for layer in layers]
+    names += [layer.exit_head.name for layer in layers if layer.exit_head is not None]
     if len(set(names)) != len(names):
-        raise ModelFormatError(f"{where}: duplicate layer names")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ModelFormatError(
+            f"{where}: layer and exit head names must be unique; repeated: {dupes}"
+        )
     metadata = data.get("metadata", {})
     if not isinstance(metadata, Mapping):
         raise ModelFormatError(f"{where}: metadata must be an object")

@@ -255,8 +255,13 @@ class ModelWriter:
             )
         if not isinstance(name, str) or not name:
             raise ModelFormatError(f"layer name {name!r} must be a non-empty string")
-        if any(layer.name == name for layer in self._layers):
-            raise ModelFormatError(f"layer {name!r} is added twice; layer names must be unique")
+        taken = {layer.name for layer in self._layers}
+        taken |= {layer.exit_head.name for layer in self._layers if layer.exit_head is not None}
+        head_name = exit_head[0] if exit_head is not None else None
+        if name in taken or head_name in taken or head_name == name:
+            raise ModelFormatError(
+                f"layer {name!r}: layer and exit head names must be unique across the model"
+            )
         index = len(self._layers)
         stem = file_stem(index, name)
         head = None
