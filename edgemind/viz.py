@@ -440,12 +440,14 @@ def save_timeline(
     """Write the two-panel timeline of ``plan`` (and ``report``) to ``path`` (PNG, SVG, PDF...)."""
     fig = plot_timeline(plan, report, time_axis=time_axis)
     out = Path(path)
+    # Written beside the target, then renamed: a failed plot leaves no half-written file.
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     try:
-        fig.savefig(out, dpi=dpi)
-    except OSError as exc:
-        raise EdgemindError(f"cannot write the timeline plot to {out}: {exc}") from exc
-    except ValueError as exc:  # an unknown file extension
-        raise EdgemindError(f"cannot write the timeline plot to {out}: {exc}") from exc
+        fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".") or "png")
+        os.replace(tmp, out)
+    except (OSError, ValueError) as exc:  # ValueError: an unknown file extension
+        tmp.unlink(missing_ok=True)
+        raise EdgemindError(f"cannot write the timeline plot to {out}: {exc}") from None
     return out
 
 

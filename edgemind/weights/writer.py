@@ -339,7 +339,13 @@ class ModelWriter:
                 tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent)
             )
             os.replace(self.out_dir, old / "model")
-        os.replace(self._tmp, self.out_dir)
+        try:
+            os.replace(self._tmp, self.out_dir)
+        except BaseException:
+            if old is not None:  # put the previous model back rather than leave nothing
+                os.replace(old / "model", self.out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         self._tmp = None
         _fsync_dir(self.out_dir.parent)
         if old is not None:
