@@ -61,7 +61,7 @@ def test_rejection_reads_nothing_and_allocates_nothing(toy_model, monkeypatch):
     def no_arena(*args, **kwargs):
         raise AssertionError("an arena was allocated for a rejected request")
 
-    monkeypatch.setattr("edgemind.runtime.executor.read_tensors_into", no_reads)
+    monkeypatch.setattr("edgemind.weights.reader.LayerFile.read_into", no_reads)
     monkeypatch.setattr(Executor, "__init__", no_arena)
     rt = Runtime.open(toy_model, arena_capacity_bytes=2 * MIB)
     with rt, pytest.raises(MemoryQuotaExceeded) as info:
@@ -315,3 +315,14 @@ def test_an_edited_plan_is_refused(toy_model):
         with pytest.raises(PlanError, match="differs"):
             rt.use_plan(looser, batch=1)
         rt.use_plan(plan, batch=1)  # the genuine one is fine
+
+
+def test_a_weight_file_modified_between_requests_is_noticed(toy_model, tmp_path):
+    model = shutil.copytree(toy_model, tmp_path / "toy")
+    with Runtime.open(model) as rt:
+        rt.run(x_of(1))  # every file is open now, its header checked
+        victim = model / rt.manifest.layers[4].file
+        data = victim.read_bytes()
+        victim.write_bytes(data + b"\0")  # same inode, new length and mtime
+        with pytest.raises(ModelFormatError, match="changed since it was opened"):
+            rt.run(x_of(1))

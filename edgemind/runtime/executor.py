@@ -31,8 +31,8 @@ from edgemind.runtime.arena import Arena
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
 from edgemind.units import align_up
 from edgemind.weights.format import numpy_dtype
-from edgemind.weights.manifest import Manifest, all_layer_specs
-from edgemind.weights.reader import direct_read_nbytes, read_rows_into, read_tensors_into
+from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
+from edgemind.weights.reader import LayerFile, direct_read_nbytes, read_rows_into
 
 
 class Executor:
@@ -65,6 +65,7 @@ class Executor:
         self._rows = int(np.prod(plan.input_shape))  # ids a gathered table is read for
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
         self.arena: Arena | None = Arena(plan.arena_bytes)
+        self._files: dict[str, LayerFile] = {}  # open weight files, by unit
 
     # ------------------------------------------------------------------ loading
 
@@ -92,10 +93,15 @@ class Executor:
                     )
                 dests[slot.name] = self.arena.view(offset, extent)
         if dests:
-            nbytes += read_tensors_into(
-                self.model_dir, spec, dests, verify=self.verify, direct=self.direct
-            )
+            nbytes += self._file(spec).read_into(dests, verify=self.verify)
         return time.perf_counter() - start, nbytes
+
+    def _file(self, spec: LayerSpec) -> LayerFile:
+        """The unit's weight file, opened (and its header checked) on first use."""
+        f = self._files.get(spec.name)
+        if f is None:
+            f = self._files[spec.name] = LayerFile(self.model_dir, spec, direct=self.direct)
+        return f
 
     def _params(self, buf: Buffer) -> dict[str, np.ndarray]:
         """Typed views of a weights buffer's tensors, shaped as ``apply`` takes them."""
@@ -278,4 +284,7 @@ class Executor:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         self._pinned_loaded = False

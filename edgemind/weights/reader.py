@@ -239,6 +239,72 @@ def _check_crc(view: memoryview, spec: TensorSpec, where: str, layer: LayerSpec)
         )
 
 
+class LayerFile:
+    """One layer's weight file, opened and checked once, then read from many times.
+
+    Opening checks the header against the manifest (magic, version, layout, exact
+    length); each read then only checks, with one ``fstat``, that the file has not been
+    replaced or modified since, and ``preadv``s payloads straight into the caller's
+    buffers. ``direct=True`` also opens it with ``O_DIRECT`` (see
+    :func:`read_tensors_into`).
+    """
+
+    def __init__(
+        self, model_dir: str | os.PathLike[str], layer: LayerSpec, *, direct: bool = False
+    ) -> None:
+        self.layer = layer
+        path, self.where = _layer_path(model_dir, layer)
+        try:
+            self._file = io.FileIO(path, "r")
+        except OSError as exc:
+            raise ModelFormatError(
+                f"{self.where}: cannot open weight file of layer {layer.name!r} ({exc.strerror})"
+            ) from None
+        self._direct_fd: int | None = None
+        try:
+            _read_header(self._file, self.where, layer)
+            self._identity = _identity(self._file.fileno())
+            if direct:
+                self._direct_fd = _open_direct(path, self.where)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> LayerFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+
+    def read_into(self, dests: Mapping[str, Buffer], *, verify: bool = False) -> int:
+        """Read the named tensors into ``dests`` (see :func:`read_tensors_into`)."""
+        if _identity(self._file.fileno()) != self._identity:
+            raise ModelFormatError(
+                f"{self.where}: layer {self.layer.name!r}: the file changed since it was "
+                "opened; reopen the model (and plan again)"
+            )
+        specs = [(self.layer.tensor(name), dest) for name, dest in dests.items()]
+        total = 0
+        for spec, dest in specs:
+            what = f"{self.where}: layer {self.layer.name!r}, tensor {spec.name!r}"
+            if self._direct_fd is not None:
+                view = _direct_view(dest, spec, what)
+                total += _pread_direct(self._direct_fd, view, spec, what)
+                view = view[: spec.nbytes]
+            else:
+                view = _dest_bytes(dest, spec.nbytes, spec.dtype, what)
+                total += _pread_full(self._file, [view], spec.offset_bytes, what)
+            if verify:
+                _check_crc(view, spec, self.where, self.layer)
+        return total
+
+
 def read_tensors_into(
     model_dir: str | os.PathLike[str],
     layer: LayerSpec,
@@ -256,20 +322,11 @@ def read_tensors_into(
     fills the buffers without a CPU copy (so a prefetch overlaps compute fully) and the
     model never fills RAM as cached file pages. Each destination must then start on a
     4 KiB boundary and hold :func:`direct_read_nbytes` bytes (whole blocks); the bytes
-    past the tensor's end are scratch.
+    past the tensor's end are scratch. To read a layer many times, keep a
+    :class:`LayerFile` open instead.
     """
-    with _open_layer(model_dir, layer) as (f, where):
-        specs = [(layer.tensor(name), dest) for name, dest in dests.items()]
-        if direct:
-            return _read_direct(f.name, layer, specs, where, verify)
-        total = 0
-        for spec, dest in specs:
-            what = f"{where}: layer {layer.name!r}, tensor {spec.name!r}"
-            view = _dest_bytes(dest, spec.nbytes, spec.dtype, what)
-            total += _pread_full(f, [view], spec.offset_bytes, what)
-            if verify:
-                _check_crc(view, spec, where, layer)
-        return total
+    with LayerFile(model_dir, layer, direct=direct) as f:
+        return f.read_into(dests, verify=verify)
 
 
 def direct_read_nbytes(nbytes: int) -> int:
@@ -277,53 +334,49 @@ def direct_read_nbytes(nbytes: int) -> int:
     return -(-nbytes // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK
 
 
-def _read_direct(
-    path: str | bytes,
-    layer: LayerSpec,
-    specs: Sequence[tuple[TensorSpec, Buffer]],
-    where: str,
-    verify: bool,
-) -> int:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+def _identity(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_direct(path: Path, where: str) -> int:
     try:
         if not getattr(os, "O_DIRECT", 0):
             raise OSError(0, "O_DIRECT is not available on this platform")
-        fd = os.open(path, flags)
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError as exc:
         raise ModelFormatError(
             f"{where}: cannot open for direct reads ({exc.strerror}); set model.read_mode: buffered"
         ) from None
-    total = 0
-    try:
-        for spec, dest in specs:
-            what = f"{where}: layer {layer.name!r}, tensor {spec.name!r}"
-            if spec.offset_bytes % DIRECT_IO_BLOCK:
-                raise ModelFormatError(
-                    f"{what}: payload offset {spec.offset_bytes} is not {DIRECT_IO_BLOCK}-aligned,"
-                    " as direct reads need; convert with --alignment-bytes 4096 or set "
-                    "model.read_mode: buffered"
-                )
-            view = _dest_bytes(dest, direct_read_nbytes(spec.nbytes), "uint8", what)
-            if spec.nbytes and (_address(view) % DIRECT_IO_BLOCK or view.nbytes < spec.nbytes):
-                raise ModelFormatError(f"{what}: direct reads need a 4 KiB-aligned destination")
-            done, pos = 0, spec.offset_bytes
-            while done < spec.nbytes:  # a short read comes only at the end of the file
-                try:
-                    n = os.preadv(fd, [view[done:]], pos)
-                except OSError as exc:
-                    raise ModelFormatError(
-                        f"{what}: direct read failed at byte {pos} ({exc.strerror}); set "
-                        "model.read_mode: buffered if the filesystem does not support it"
-                    ) from None
-                if n == 0:
-                    raise ModelFormatError(f"{what}: file ends at byte {pos} (truncated?)")
-                done, pos = done + n, pos + n
-            total += spec.nbytes
-            if verify:
-                _check_crc(view[: spec.nbytes], spec, where, layer)
-    finally:
-        os.close(fd)
-    return total
+
+
+def _direct_view(dest: Buffer, spec: TensorSpec, what: str) -> memoryview:
+    if spec.offset_bytes % DIRECT_IO_BLOCK:
+        raise ModelFormatError(
+            f"{what}: payload offset {spec.offset_bytes} is not {DIRECT_IO_BLOCK}-aligned,"
+            " as direct reads need; convert with --alignment-bytes 4096 or set "
+            "model.read_mode: buffered"
+        )
+    view = _dest_bytes(dest, direct_read_nbytes(spec.nbytes), "uint8", what)
+    if spec.nbytes and _address(view) % DIRECT_IO_BLOCK:
+        raise ModelFormatError(f"{what}: direct reads need a 4 KiB-aligned destination")
+    return view
+
+
+def _pread_direct(fd: int, view: memoryview, spec: TensorSpec, what: str) -> int:
+    done, pos = 0, spec.offset_bytes
+    while done < spec.nbytes:  # a short read comes only at the end of the file
+        try:
+            n = os.preadv(fd, [view[done:]], pos)
+        except OSError as exc:
+            raise ModelFormatError(
+                f"{what}: direct read failed at byte {pos} ({exc.strerror}); set "
+                "model.read_mode: buffered if the filesystem does not support it"
+            ) from None
+        if n == 0:
+            raise ModelFormatError(f"{what}: file ends at byte {pos} (truncated?)")
+        done, pos = done + n, pos + n
+    return spec.nbytes
 
 
 def _address(view: memoryview) -> int:
