@@ -1,0 +1,216 @@
+"""``edgemind run``: load or make the input, serve the requests, report and save.
+
+The CLI's run command apart from argument parsing: it feeds the metrics (stdout,
+Prometheus, textfile), writes ``--output`` and ``--plot`` files atomically, and hands
+known errors back to :func:`edgemind.cli.main`, which prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgemind.errors import MemoryQuotaExceeded
+from edgemind.policy import Policy
+
+
+def run_command(args: argparse.Namespace, policy: Policy, dims: dict[str, int]) -> bool:
+    """``edgemind run``: serve the requests, print the report; True when complete."""
+    from prometheus_client import CollectorRegistry
+
+    from edgemind.metrics import RunMetrics, check_textfile_path, start_http_exporter
+    from edgemind.runtime import Runtime
+
+    runtime = Runtime.open(args.model_dir, policy)
+    policy = runtime.policy
+    if args.metrics_textfile:
+        check_textfile_path(args.metrics_textfile)
+    registry = CollectorRegistry()
+    metrics = RunMetrics(registry, runtime.manifest.model_name)
+    addr = args.metrics_addr or (policy.metrics_http_addr if policy.metrics_enable_http else None)
+    exporter = start_http_exporter(registry, addr) if addr else None
+    try:
+        with runtime:
+            complete = _serve_requests(args, runtime, metrics, dims)
+        if exporter is not None and args.linger:  # the arena is released by now
+            print(
+                f"edgemind: serving metrics at {exporter.url} for {args.linger:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(args.linger)
+    finally:
+        if exporter is not None:
+            exporter.close()
+    return complete
+
+
+def _serve_requests(
+    args: argparse.Namespace, runtime: Any, metrics: Any, dims: dict[str, int]
+) -> bool:
+    """Run ``--repeat`` requests, feeding the metrics; print and save the last result."""
+    import numpy as np
+
+    from edgemind.metrics import write_textfile
+    from edgemind.report_text import format_report, report_dict
+
+    texts = _texts(args)
+    if texts is not None:
+        request = _text_request(runtime, texts)
+    else:
+        request = _array_request(args, runtime, dims)
+    try:
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            try:
+                result, output, complete = request()
+            except MemoryQuotaExceeded as exc:
+                latency = time.perf_counter() - start
+                metrics.observe_rejection(exc, getattr(exc, "plan", None), latency_s=latency)
+                raise
+            metrics.observe(result.report)
+    finally:
+        if args.metrics_textfile:
+            write_textfile(metrics.registry, args.metrics_textfile)
+    if args.output and output is not None:
+        _save_output(args.output, np.asarray(output))
+    plan = runtime.last_plan
+    if args.plot:
+        from edgemind.viz import save_timeline
+
+        save_timeline(plan, args.plot, result.report)
+    count = metrics.quota_exceeded_count
+    if args.json:
+        out = report_dict(result.report, plan, quota_exceeded_count=count)
+        if texts is not None:
+            from edgemind.embedding import cosine_similarities
+
+            out["truncated"] = list(result.truncated)
+            out["seq_len"] = result.seq_len
+            out["similarities"] = cosine_similarities(result.vectors).round(6).tolist()
+        print(json.dumps(out, indent=1))
+    else:
+        if texts is not None:
+            from edgemind.embedding import format_embeddings
+
+            print(format_embeddings(texts, result), end="\n\n")
+        print(format_report(result.report, plan, quota_exceeded_count=count))
+    return bool(complete)
+
+
+def _texts(args: argparse.Namespace) -> list[str] | None:
+    """The texts of ``--text`` and ``--text-file`` (one per line, blank lines skipped)."""
+    from edgemind.errors import InputError
+
+    if args.text is None and args.text_file is None:
+        return None
+    if args.plan:
+        raise InputError(
+            "--plan applies to array inputs; with --text the shape comes from "
+            "the texts (drop --plan)"
+        )
+    texts = list(args.text or [])
+    if args.text_file:
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--text-file {args.text_file}: cannot read ({exc})") from None
+    return texts
+
+
+def _text_request(runtime: Any, texts: list[str]) -> Any:
+    from edgemind.embedding import embed
+
+    def request() -> tuple[Any, Any, bool]:
+        emb = embed(runtime, texts)
+        return emb, emb.vectors, emb.complete
+
+    return request
+
+
+def _array_request(args: argparse.Namespace, runtime: Any, dims: dict[str, int]) -> Any:
+    from edgemind.planner.planfile import check_plan_matches, load_plan
+    from edgemind.runtime.runtime import dims_of
+
+    inputs = _load_input(runtime.manifest, args.input, args.seed, dims)
+    if args.plan:
+        plan = load_plan(args.plan)
+        check_plan_matches(
+            plan,
+            runtime.manifest.digest(),
+            runtime.policy.digest(),
+            inputs[0].shape,
+            source=args.plan,
+        )
+        runtime.use_plan(plan, source=args.plan, **dims_of(runtime.manifest, inputs))
+
+    def request() -> tuple[Any, Any, bool]:
+        result = runtime.run(*inputs)
+        return result, result.output, result.complete
+
+    return request
+
+
+def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> tuple:
+    """The request's inputs: from a .npy (one input) or .npz (named inputs) file, or seeded
+    random values of the planned shape (other inputs, such as a mask, all ones)."""
+    import numpy as np
+
+    from edgemind.errors import InputError, ModelFormatError
+
+    if path is None:
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for i, spec in enumerate(manifest.inputs):
+            try:
+                shape = spec.concrete_shape(dims)
+            except ModelFormatError as exc:
+                raise InputError(str(exc)) from None
+            if i:
+                arrays.append(np.ones(shape, spec.dtype))
+            elif np.dtype(spec.dtype).kind in "iu":
+                arrays.append(rng.integers(0, 100, size=shape).astype(spec.dtype))
+            else:
+                arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+        return tuple(arrays)
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:  # ours to close, whatever np.load makes of it
+            loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                return (loaded,)
+            names = [spec.name for spec in manifest.inputs]
+            missing = [n for n in names if n not in loaded.files]
+            if missing:
+                raise InputError(f"--input {path}: missing arrays {missing}; expected {names}")
+            return tuple(loaded[n] for n in names)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"--input {path}: cannot read a .npy/.npz array ({exc})") from None
+
+
+def _save_output(path: str, array: Any) -> None:
+    """Write ``array`` to ``path`` atomically: a temp file renamed into place."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from edgemind.errors import EdgemindError
+
+    target = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EdgemindError(f"--output {path}: cannot write ({exc.strerror})") from None
