@@ -23,6 +23,7 @@ from edgemind.weights.manifest import (
     DTYPES,
     LayerSpec,
     TensorSpec,
+    check_alignment,
     dtype_itemsize,
     parse_tensor_entry,
 )
@@ -216,9 +217,7 @@ def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeade
             f"{WEIGHTS_FORMAT_VERSION}; convert the model again or upgrade edgemind"
         )
     layer = _field(obj, "layer", str, where)
-    alignment = _field(obj, "alignment_bytes", int, where)
-    if alignment < 64 or alignment & (alignment - 1):
-        raise ModelFormatError(f"{where}: alignment_bytes {alignment} must be a power of two >= 64")
+    alignment = check_alignment(_field(obj, "alignment_bytes", int, where), where)
     where = f"{where}: layer {layer!r}"
     tensors: list[TensorSpec] = []
     end = header_nbytes

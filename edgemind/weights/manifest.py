@@ -181,6 +181,13 @@ def _req(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where:
     return value
 
 
+def check_alignment(alignment: int, where: str) -> int:
+    """Payload alignment must be a power of two of at least 64 bytes (zero-copy views)."""
+    if alignment < 64 or alignment & (alignment - 1):
+        raise ModelFormatError(f"{where}: alignment_bytes {alignment} must be a power of two >= 64")
+    return alignment
+
+
 def check_relative_path(file: str, where: str) -> str:
     """A weight file's name must stay inside the model directory."""
     path = PurePosixPath(file)
@@ -247,9 +254,7 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
             f"{MODEL_FORMAT_VERSION}; convert the model again or upgrade edgemind"
         )
     name = _req(data, "model_name", str, where)
-    alignment = _req(data, "alignment_bytes", int, where)
-    if alignment < 64 or alignment & (alignment - 1):
-        raise ModelFormatError(f"{where}: alignment_bytes {alignment} must be a power of two >= 64")
+    alignment = check_alignment(_req(data, "alignment_bytes", int, where), where)
     inputs = []
     for i, obj in enumerate(_req(data, "inputs", list, where)):
         iname = _req(obj, "name", str, f"{where}: input {i}")
