@@ -32,7 +32,7 @@ from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
 from edgemind.units import align_up
 from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
-from edgemind.weights.reader import LayerFile, direct_read_nbytes, read_rows_into
+from edgemind.weights.reader import LayerFile, direct_read_nbytes
 
 
 class Executor:
@@ -66,6 +66,7 @@ class Executor:
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
         self.arena: Arena | None = Arena(plan.arena_bytes)
         self._files: dict[str, LayerFile] = {}  # open weight files, by unit
+        self._param_views: dict[int, dict[str, np.ndarray]] = {}  # by weights buffer
 
     # ------------------------------------------------------------------ loading
 
@@ -83,7 +84,7 @@ class Executor:
                 if ids is None:
                     raise EdgemindError(f"layer {spec.name}: gathered tensor needs token ids")
                 view = self.arena.view(offset, slot.nbytes)
-                nbytes += read_rows_into(self.model_dir, spec, slot.name, ids.ravel(), view)
+                nbytes += self._file(spec).read_rows_into(slot.name, ids.ravel(), view)
             else:
                 extent = direct_read_nbytes(slot.nbytes) if self.direct else slot.nbytes
                 if slot.offset_bytes + extent > buf.nbytes:
@@ -104,14 +105,21 @@ class Executor:
         return f
 
     def _params(self, buf: Buffer) -> dict[str, np.ndarray]:
-        """Typed views of a weights buffer's tensors, shaped as ``apply`` takes them."""
+        """Typed views of a weights buffer's tensors, shaped as ``apply`` takes them.
+
+        The arena and the plan are fixed for this executor, so the views are made once.
+        """
         assert self.arena is not None
-        structs = param_structs(self._specs[buf.layer], self._rows)
-        params = {}
-        for slot in buf.tensors:
-            view = self.arena.view((buf.offset_bytes or 0) + slot.offset_bytes, slot.nbytes)
-            sds = structs[slot.name]
-            params[slot.name] = view.view(numpy_dtype(str(sds.dtype))).reshape(sds.shape)
+        params = self._param_views.get(buf.id)
+        if params is None:
+            structs = param_structs(self._specs[buf.layer], self._rows)
+            params = {}
+            for slot in buf.tensors:
+                offset = (buf.offset_bytes or 0) + slot.offset_bytes
+                sds = structs[slot.name]
+                view = self.arena.view(offset, slot.nbytes)
+                params[slot.name] = view.view(numpy_dtype(str(sds.dtype))).reshape(sds.shape)
+            self._param_views[buf.id] = params
         return params
 
     def _load_pinned(self, ids: np.ndarray | None) -> dict[str, tuple[float, int]]:
@@ -287,4 +295,5 @@ class Executor:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._param_views.clear()
         self._pinned_loaded = False

@@ -284,11 +284,7 @@ class LayerFile:
 
     def read_into(self, dests: Mapping[str, Buffer], *, verify: bool = False) -> int:
         """Read the named tensors into ``dests`` (see :func:`read_tensors_into`)."""
-        if _identity(self._file.fileno()) != self._identity:
-            raise ModelFormatError(
-                f"{self.where}: layer {self.layer.name!r}: the file changed since it was "
-                "opened; reopen the model (and plan again)"
-            )
+        self._check_unchanged()
         specs = [(self.layer.tensor(name), dest) for name, dest in dests.items()]
         total = 0
         for spec, dest in specs:
@@ -303,6 +299,39 @@ class LayerFile:
             if verify:
                 _check_crc(view, spec, self.where, self.layer)
         return total
+
+    def read_rows_into(
+        self, tensor_name: str, rows: Sequence[int] | np.ndarray, dest: Buffer
+    ) -> int:
+        """Rows of a 2-D tensor into consecutive rows of ``dest`` (see :func:`read_rows_into`)."""
+        spec = self.layer.tensor(tensor_name)
+        what = f"{self.where}: layer {self.layer.name!r}, tensor {tensor_name!r}"
+        if len(spec.shape) != 2:
+            raise ModelFormatError(
+                f"{what}: row reads need a 2-D tensor, shape is {list(spec.shape)}"
+            )
+        index = np.asarray(rows)
+        if index.size == 0:
+            index = index.astype(np.int64)
+        if index.ndim != 1 or index.dtype.kind not in "iu":
+            raise ModelFormatError(f"{what}: rows must be a 1-D sequence of integers")
+        bad = index[(index < 0) | (index >= spec.shape[0])]
+        if bad.size:
+            raise ModelFormatError(f"{what}: row {int(bad[0])} is outside 0..{spec.shape[0] - 1}")
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+        view = _dest_bytes(dest, index.size * row_bytes, spec.dtype, what)
+        if view.nbytes == 0:
+            return 0
+        self._check_unchanged()
+        _read_row_runs(self._file, spec, index, view, row_bytes, what)
+        return view.nbytes
+
+    def _check_unchanged(self) -> None:
+        if _identity(self._file.fileno()) != self._identity:
+            raise ModelFormatError(
+                f"{self.where}: layer {self.layer.name!r}: the file changed since it was "
+                "opened; reopen the model (and plan again)"
+            )
 
 
 def read_tensors_into(
@@ -393,28 +422,11 @@ def read_rows_into(
     """Read rows of a 2-D tensor into consecutive rows of ``dest``; returns bytes placed.
 
     Rows may repeat and come in any order. Rows close together in the file are read
-    with one ``preadv`` (one iovec per row, small gaps into a scratch buffer).
+    with one ``preadv`` (one iovec per row, small gaps into a scratch buffer). To read
+    from a layer many times, keep a :class:`LayerFile` open instead.
     """
-    spec = layer.tensor(tensor_name)
-    _, where = _layer_path(model_dir, layer)
-    what = f"{where}: layer {layer.name!r}, tensor {tensor_name!r}"
-    if len(spec.shape) != 2:
-        raise ModelFormatError(f"{what}: row reads need a 2-D tensor, shape is {list(spec.shape)}")
-    index = np.asarray(rows)
-    if index.size == 0:
-        index = index.astype(np.int64)
-    if index.ndim != 1 or index.dtype.kind not in "iu":
-        raise ModelFormatError(f"{what}: rows must be a 1-D sequence of integers")
-    bad = index[(index < 0) | (index >= spec.shape[0])]
-    if bad.size:
-        raise ModelFormatError(f"{what}: row {int(bad[0])} is outside 0..{spec.shape[0] - 1}")
-    row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
-    view = _dest_bytes(dest, index.size * row_bytes, spec.dtype, what)
-    if view.nbytes == 0:
-        return 0
-    with _open_layer(model_dir, layer) as (f, _):
-        _read_row_runs(f, spec, index, view, row_bytes, what)
-    return view.nbytes
+    with LayerFile(model_dir, layer) as f:
+        return f.read_rows_into(tensor_name, rows, dest)
 
 
 def _read_row_runs(
