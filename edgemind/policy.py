@@ -201,6 +201,10 @@ def load_policy(
         if not isinstance(data, Mapping):
             raise PolicyError(f"{source}: expected a mapping with sections {', '.join(_SCHEMA)}")
         fields.update(_fields_from_yaml(data, source))
+        try:  # the file's values on their own first, so an error names the file
+            Policy(**fields)
+        except PolicyError as exc:
+            raise PolicyError(f"{source}: {exc}") from None
     if env.get(ENV_ARENA_MB, "").strip():
         fields["arena_capacity_bytes"] = _capacity_from_mb(ENV_ARENA_MB, env[ENV_ARENA_MB])
     for key, value in (overrides or {}).items():

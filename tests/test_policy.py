@@ -86,6 +86,7 @@ def test_bad_policy_files_say_what_and_where(tmp_path, text, needle):
         load_policy(path, env={})
     message = str(info.value)
     assert needle in message
+    assert message.startswith(str(path))
     assert "\n" not in message
 
 
