@@ -26,6 +26,7 @@ from edgemind.units import DIRECT_IO_BLOCK, MIB, format_bytes, mib_to_bytes
 ENV_ARENA_MB = "EDGE_MODEL_ARENA_MB"
 QUOTA_ACTIONS = ("early_exit", "reject_request")
 READ_MODES = ("buffered", "direct")
+ENFORCE_MODES = ("off", "warn", "fail")
 Residency = int | Literal["auto"]
 
 # The valid keys of policy.yaml, section by section, with the field each one sets.
@@ -37,6 +38,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "alignment_bytes": "alignment_bytes",
         "verify_checksums": "verify_checksums",
         "read_mode": "read_mode",
+        "enforce": "enforce",
     },
     "scheduler": {"on_memory_quota_exceeded": "on_memory_quota_exceeded"},
     "metrics": {"enable_http": "metrics_enable_http", "http_addr": "metrics_http_addr"},
@@ -58,6 +60,7 @@ class Policy:
     alignment_bytes: int = 64
     verify_checksums: bool = False
     read_mode: Literal["buffered", "direct"] = "buffered"
+    enforce: Literal["off", "warn", "fail"] = "warn"
     on_memory_quota_exceeded: Literal["early_exit", "reject_request"] = "early_exit"
     metrics_enable_http: bool = False
     metrics_http_addr: str = "127.0.0.1:9090"
@@ -86,6 +89,10 @@ class Policy:
             raise PolicyError(
                 f"model.read_mode: expected one of {', '.join(READ_MODES)}, got {self.read_mode!r}"
             )
+        if self.enforce not in ENFORCE_MODES:
+            raise PolicyError(
+                f"model.enforce: expected one of {', '.join(ENFORCE_MODES)}, got {self.enforce!r}"
+            )
         if self.on_memory_quota_exceeded not in QUOTA_ACTIONS:
             raise PolicyError(
                 "scheduler.on_memory_quota_exceeded: expected one of "
@@ -113,7 +120,7 @@ class Policy:
 
     def digest(self) -> str:
         """A short hash of everything that affects a plan (not metrics or verification)."""
-        ignored = ("metrics_enable_http", "metrics_http_addr", "verify_checksums")
+        ignored = ("metrics_enable_http", "metrics_http_addr", "verify_checksums", "enforce")
         planning = {k: v for k, v in self.to_dict().items() if k not in ignored}
         blob = json.dumps(planning, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
