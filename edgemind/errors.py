@@ -6,6 +6,8 @@ fix it, on one line, so the CLI can print it as-is without a traceback.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class EdgemindError(Exception):
     """Root of every error edgemind raises on purpose."""
@@ -50,3 +52,41 @@ class MemoryQuotaExceeded(EdgemindError):
         super().__init__(message)
         self.needed_bytes = needed_bytes
         self.capacity_bytes = capacity_bytes
+
+
+class MemoryBoundExceeded(MemoryQuotaExceeded):
+    """A running request needed more memory than its plan's bound allows.
+
+    Raised when an allocation fails while a unit runs (XLA's ``RESOURCE_EXHAUSTED``, a
+    library kernel's workspace, the arena itself: the process's memory limit is below
+    its baseline + the plan's peak), or when ``model.enforce: fail`` finds the observed
+    peak above the plan's peak + the allowance. Everything the request held is released;
+    the runtime serves the next request.
+    """
+
+
+class MemoryBoundWarning(UserWarning):
+    """``model.enforce: warn`` found a request's observed peak above its plan + allowance."""
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """A ``repr`` of ``value`` of at most ``limit`` characters, for quoting user input.
+
+    Values from a hostile file can be huge or deeply nested (a YAML alias bomb expands
+    to millions of items), so the repr is built with bounded depth and breadth, never
+    whole.
+
+    >>> brief("x" * 100, 12)
+    "'xxx...xxxx'"
+    >>> brief([[[[[1]]]]]), brief(list(range(100)))
+    ('[[[[...]]]]', '[0, 1, 2, 3, 4, 5, ...]')
+    """
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlong = 3, 40
+    short.maxtuple = short.maxlist = short.maxdict = short.maxset = 6
+    short.maxstring = short.maxother = limit
+    text = short.repr(value).replace("\n", " ")
+    if len(text) > limit:
+        quote = text[0] if text[:1] in "'\"" else ""
+        text = text[: max(limit - 3 - len(quote), 1)] + "..." + quote
+    return text

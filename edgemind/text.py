@@ -9,7 +9,6 @@ model's token limit.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,15 +82,19 @@ class Tokenizer:
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str]) -> Tokenizer:
         """The tokenizer a converted model directory records in its manifest metadata."""
-        root = Path(model_dir)
-        if not root.is_dir():
+        from edgemind.weights.manifest import check_metadata, read_manifest_json, resolve_inside
+
+        if not Path(model_dir).is_dir():
             raise ModelFormatError(f"{model_dir}: model directory not found")
         try:
-            metadata = json.loads((root / "manifest.json").read_text()).get("metadata", {})
-        except (OSError, ValueError, AttributeError):
+            metadata = read_manifest_json(model_dir).get("metadata", {})
+        except (ModelFormatError, AttributeError):
+            metadata = {}  # the runtime reports a bad manifest; here only the tokenizer matters
+        if not isinstance(metadata, dict):
             metadata = {}
+        check_metadata(metadata, f"{Path(model_dir) / 'manifest.json'}: metadata")
         name = metadata.get("tokenizer") or DEFAULT_TOKENIZER_FILE
-        path = root / str(name)
+        path = resolve_inside(model_dir, str(name), "metadata.tokenizer")
         if not path.is_file():
             raise ModelFormatError(
                 f"{path}: tokenizer file not found; convert the model again from a "
@@ -114,6 +117,12 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"text {i} is empty; give at least one word")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # undecodable bytes from argv or a file
+                raise InputError(
+                    f"text {i} is not valid UTF-8 (at character {exc.start}); give UTF-8 text"
+                ) from None
         # The tokenizer's own truncation keeps the special tokens ([CLS] ... [SEP]) as
         # sentence-transformers does; what it cut off comes back as ``overflowing``.
         self._tok.enable_truncation(limit)

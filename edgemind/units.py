@@ -13,6 +13,10 @@ MIB = 1 << 20
 KIB = 1 << 10
 GIB = 1 << 30
 DIRECT_IO_BLOCK = 4096  # O_DIRECT reads want block-aligned addresses, offsets and lengths
+# Bounds that keep sizes finite and inside what NumPy and XLA index without overflow
+# (XLA aborts the process on an extent product past int64): checked at every boundary.
+MAX_ARRAY_BYTES = 1 << 40  # one request's input array, 1 TiB
+MAX_CAPACITY_BYTES = 1 << 50  # an arena capacity, 1 PiB (plans for any machine; runs check RAM)
 
 _UNITS = {"": MIB, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB}
 _UNITS.update({"g": GIB, "gb": GIB, "gib": GIB})
@@ -34,6 +38,8 @@ def mib_to_bytes(mib: float) -> int:
         raise ValueError(f"expected a number of MiB, got {mib!r}")
     if mib <= 0:
         raise ValueError(f"expected a positive number of MiB, got {mib!r}")
+    if mib > MAX_CAPACITY_BYTES // MIB:
+        raise ValueError(f"expected at most {MAX_CAPACITY_BYTES // MIB} MiB (1 PiB), got {mib!r}")
     return int(mib * MIB)
 
 
@@ -49,8 +55,10 @@ def parse_size(text: str, default_unit: str = "MiB") -> int:
     unit = (match.group(2) if match else "") or default_unit
     if match is None or unit.lower() not in _UNITS:
         raise ValueError(f"expected a size such as 50, 50MB or 1.5GiB, got {text!r}")
-    value = float(match.group(1))
-    nbytes = int(value * _UNITS[unit.lower()])
+    value = float(match.group(1)) * _UNITS[unit.lower()]
+    if not value <= MAX_CAPACITY_BYTES:  # also inf
+        raise ValueError(f"expected a size of at most 1 PiB, got {text!r}")
+    nbytes = int(value)
     if nbytes <= 0:
         raise ValueError(f"expected a positive size, got {text!r}")
     return nbytes

@@ -181,6 +181,15 @@ def unit_cost(
             f"{jnp.dtype(x.dtype)} ({first_line}); the manifest's layers are out of order "
             f"or the model was converted wrongly"
         ) from None
+    except (LookupError, ArithmeticError, AttributeError, RecursionError) as exc:
+        # layer code that trips over its config or the model's inputs (a missing context
+        # input, heads: 0): one line naming the layer, not a traceback
+        detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise ModelFormatError(
+            f"{where}: its code fails on this manifest ({type(exc).__name__} {detail}); check "
+            f"the layer's config and the model's inputs ({', '.join(sorted(ctx)) or 'none'}"
+            " besides the chain input), or convert the model again"
+        ) from None
     tensors = tuple((name, struct_nbytes(sds)) for name, sds in params.items())
     cost = UnitCost(
         spec.name,

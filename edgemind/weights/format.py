@@ -17,10 +17,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgemind.errors import ModelFormatError
+from edgemind.errors import ModelFormatError, brief
 from edgemind.units import align_up
 from edgemind.weights.manifest import (
     DTYPES,
+    MAX_TENSOR_BYTES,
     LayerSpec,
     TensorSpec,
     check_alignment,
@@ -32,7 +33,7 @@ WEIGHTS_MAGIC = "edgemind-weights"
 WEIGHTS_FORMAT_VERSION = 1
 PAD_EXT_TYPE = 1  # msgpack ext type of padding objects
 BIN32_HEADER_BYTES = 5  # 0xc6 + 4-byte big-endian length
-MAX_PAYLOAD_BYTES = 2**32 - 1  # the largest bin32 object
+MAX_PAYLOAD_BYTES = MAX_TENSOR_BYTES  # the largest bin32 object
 MAX_HEADER_BYTES = 16 << 20  # a reader gives up on a header longer than this
 PLACEHOLDER_CRC32 = "00000000"  # same width as a real checksum: the header keeps its size
 _HEX = frozenset("0123456789abcdef")
@@ -184,14 +185,14 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ModelFormatError(
-            f"{where}: header field {key!r} is {value!r}, expected a {kind.__name__}"
+            f"{where}: header field {key!r} is {brief(value)}, expected a {kind.__name__}"
         )
     return value
 
 
 def _tensor_from_obj(obj: Any, where: str, alignment: int, prev_end: int) -> TensorSpec:
     if not isinstance(obj, Mapping):
-        raise ModelFormatError(f"{where}: tensor entry {obj!r} is not a map")
+        raise ModelFormatError(f"{where}: tensor entry {brief(obj)} is not a map")
     spec = parse_tensor_entry(obj, where, alignment)
     if spec.offset_bytes < prev_end + BIN32_HEADER_BYTES:
         raise ModelFormatError(
@@ -207,13 +208,13 @@ def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeade
     magic = obj.get("magic") if isinstance(obj, Mapping) else None
     if magic != WEIGHTS_MAGIC:
         raise ModelFormatError(
-            f"{where}: not an edgemind weight file: magic is {magic!r}, expected "
+            f"{where}: not an edgemind weight file: magic is {brief(magic)}, expected "
             f"{WEIGHTS_MAGIC!r}; convert the model again"
         )
     version = obj.get("format_version")
     if version != WEIGHTS_FORMAT_VERSION:
         raise ModelFormatError(
-            f"{where}: weight format_version is {version!r}, this edgemind reads version "
+            f"{where}: weight format_version is {brief(version)}, this edgemind reads version "
             f"{WEIGHTS_FORMAT_VERSION}; convert the model again or upgrade edgemind"
         )
     layer = _field(obj, "layer", str, where)

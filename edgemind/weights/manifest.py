@@ -20,12 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from edgemind.errors import ModelFormatError
+from edgemind.errors import InputError, ModelFormatError, brief
+from edgemind.files import read_bounded
+from edgemind.units import MAX_ARRAY_BYTES, format_bytes
 
 MANIFEST_NAME = "manifest.json"
 MODEL_FORMAT = "edgemind-model"
 MODEL_FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8")
+MAX_TENSOR_BYTES = 2**32 - 1  # one payload is one msgpack bin32 object
+MAX_OFFSET_BYTES = 2**62  # far past any file, and still an off_t
+MAX_NDIM = 32  # NumPy's limit is 64; no layer needs more than a few
+MAX_JSON_DEPTH = 32  # a converted manifest nests about 6 deep (metadata.config)
+MAX_MANIFEST_BYTES = 64 << 20  # a 1,000-layer model's manifest is about 1 MiB
+MAX_SEQ_LENGTH = 1 << 20  # metadata token limits
 
 
 def dtype_itemsize(dtype: str) -> int:
@@ -104,7 +112,12 @@ class InputSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
-        """The shape with named dims filled from ``dims``; a missing name is an error."""
+        """The shape with named dims filled from ``dims``; a missing name is an error.
+
+        A shape whose array would exceed ``MAX_ARRAY_BYTES`` is an :class:`InputError`:
+        sizes are checked here, before they reach NumPy or XLA (which abort the process
+        on an overflowing extent).
+        """
         shape = []
         for d in self.shape:
             if isinstance(d, str):
@@ -115,6 +128,13 @@ class InputSpec:
                 shape.append(int(dims[d]))
             else:
                 shape.append(d)
+        nbytes = math.prod(shape) * dtype_itemsize(self.dtype)
+        if nbytes > MAX_ARRAY_BYTES:
+            raise InputError(
+                f"input {self.name!r} of shape {brief(tuple(shape))} {self.dtype} would take "
+                f"{format_bytes(nbytes)}, more than the {format_bytes(MAX_ARRAY_BYTES)} edgemind "
+                "accepts for one array; lower the batch or sequence size"
+            )
         return tuple(shape)
 
 
@@ -174,11 +194,33 @@ class Manifest:
 
 def _req(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(obj, Mapping) or key not in obj:
-        raise ModelFormatError(f"{where}: missing field {key!r}")
+        raise ModelFormatError(f"{where}: missing field {brief(key)}")
     value = obj[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ModelFormatError(f"{where}: field {key!r} has the wrong type ({value!r})")
+        raise ModelFormatError(f"{where}: field {key!r} has the wrong type ({brief(value)})")
     return value
+
+
+def check_depth(data: Any, where: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse containers nested deeper than ``limit`` (layer code and hashing recurse).
+
+    Walks iteratively, so the check itself cannot overflow the stack.
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children: Any = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            raise ModelFormatError(
+                f"{where}: nested more than {limit} levels deep; a manifest edgemind writes "
+                "nests about 6"
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 def check_alignment(alignment: int, where: str) -> int:
@@ -191,11 +233,39 @@ def check_alignment(alignment: int, where: str) -> int:
 def check_relative_path(file: str, where: str) -> str:
     """A weight file's name must stay inside the model directory."""
     path = PurePosixPath(file)
-    if not file or path.is_absolute() or "\\" in file or ".." in path.parts or ":" in file:
+    if (
+        not file
+        or path.is_absolute()
+        or any(c in file for c in "\\:\x00")
+        or ".." in path.parts
+        or len(file) > 4096
+    ):
         raise ModelFormatError(
-            f"{where}: file {file!r} must be a relative path inside the model directory"
+            f"{where}: file {brief(file)} must be a relative path inside the model directory"
         )
     return file
+
+
+def resolve_inside(model_dir: str | os.PathLike[str], file: str, where: str) -> Path:
+    """``model_dir / file`` with symlinks resolved; refused when it lands outside.
+
+    A manifest names files relative to its directory; a symlink (the file's, or a
+    folder's on the way) that points elsewhere would read whatever it points at.
+    """
+    check_relative_path(file, where)
+    root = Path(model_dir).resolve()
+    try:
+        path = (root / file).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ModelFormatError(
+            f"{model_dir}: {where}: cannot resolve {brief(file)} ({exc})"
+        ) from None
+    if not path.is_relative_to(root):
+        raise ModelFormatError(
+            f"{model_dir}: {where}: {brief(file)} resolves to {path}, outside the model "
+            "directory; copy the file into the model directory instead of linking to it"
+        )
+    return path
 
 
 def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
@@ -204,22 +274,36 @@ def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
     where = f"{where}, tensor {name!r}"
     dtype = _req(obj, "dtype", str, where)
     if dtype not in DTYPES:
-        raise ModelFormatError(f"{where}: unknown dtype {dtype!r}; expected one of {DTYPES}")
+        raise ModelFormatError(f"{where}: unknown dtype {brief(dtype)}; expected one of {DTYPES}")
     shape = tuple(_req(obj, "shape", list, where))
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ModelFormatError(f"{where}: shape {list(shape)} must be non-negative integers")
+    if len(shape) > MAX_NDIM or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_BYTES for d in shape
+    ):
+        raise ModelFormatError(
+            f"{where}: shape {brief(list(shape))} must be at most {MAX_NDIM} integers "
+            f"from 0 to {MAX_TENSOR_BYTES}"
+        )
     nbytes = _req(obj, "nbytes", int, where)
     expected = math.prod(shape) * dtype_itemsize(dtype)
     if nbytes != expected:
         raise ModelFormatError(
-            f"{where}: nbytes is {nbytes}, expected {expected} for shape {list(shape)} of {dtype}"
+            f"{where}: nbytes is {brief(nbytes)}, expected {expected} for shape {list(shape)} "
+            f"of {dtype}"
+        )
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ModelFormatError(
+            f"{where}: {nbytes} bytes exceed one msgpack bin32 object ({MAX_TENSOR_BYTES} "
+            "bytes); split the tensor and convert again"
         )
     offset = _req(obj, "offset", int, where)
-    if offset < 0 or offset % alignment:
-        raise ModelFormatError(f"{where}: payload offset {offset} must be {alignment}-aligned")
+    if not 0 <= offset <= MAX_OFFSET_BYTES or offset % alignment:
+        raise ModelFormatError(
+            f"{where}: payload offset {brief(offset)} must be {alignment}-aligned, from 0 to "
+            f"{MAX_OFFSET_BYTES}"
+        )
     crc = _req(obj, "crc32", str, where)
     if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
-        raise ModelFormatError(f"{where}: crc32 {crc!r} must be 8 lowercase hex digits")
+        raise ModelFormatError(f"{where}: crc32 {brief(crc)} must be 8 lowercase hex digits")
     return TensorSpec(name, dtype, shape, nbytes, offset, crc)  # type: ignore[arg-type]
 
 
@@ -240,6 +324,55 @@ def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
     return LayerSpec(name, kind, MappingProxyType(dict(config)), file, tensors, exit_head)
 
 
+def _parse_input(obj: Any, where: str) -> InputSpec:
+    """One input: a known dtype, dims that are positive ints or names such as ``batch``."""
+    name = _req(obj, "name", str, where)
+    where = f"{where} {brief(name)}"
+    dtype = _req(obj, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise ModelFormatError(f"{where}: unknown dtype {brief(dtype)}; expected one of {DTYPES}")
+    shape = tuple(_req(obj, "shape", list, where))
+    for d in shape:
+        named = isinstance(d, str) and d.isidentifier()
+        sized = isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_TENSOR_BYTES
+        if not (named or sized):
+            raise ModelFormatError(
+                f"{where}: shape {brief(list(shape))} must hold positive integers and dim names "
+                "such as 'batch'"
+            )
+    fixed = math.prod(d for d in shape if isinstance(d, int)) * dtype_itemsize(dtype)
+    if len(shape) > MAX_NDIM or fixed > MAX_ARRAY_BYTES:
+        raise ModelFormatError(
+            f"{where}: shape {brief(list(shape))} is larger than edgemind accepts "
+            f"({MAX_NDIM} dims, {format_bytes(MAX_ARRAY_BYTES)})"
+        )
+    return InputSpec(name, dtype, shape)
+
+
+def check_metadata(metadata: Mapping[str, Any], where: str) -> None:
+    """The metadata keys edgemind itself reads must make sense; the rest is free-form."""
+    for key in ("max_seq_length", "max_position_embeddings"):
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 2 <= value <= MAX_SEQ_LENGTH
+        ):
+            raise ModelFormatError(
+                f"{where}: {key} is {brief(value)}, expected an integer number of tokens from 2 "
+                f"to {MAX_SEQ_LENGTH}; convert the model again"
+            )
+    tokenizer = metadata.get("tokenizer")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, str):
+            raise ModelFormatError(
+                f"{where}: tokenizer is {brief(tokenizer)}, expected a file name"
+            )
+        check_relative_path(tokenizer, f"{where}: tokenizer")
+
+
 def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     """Validate a decoded ``manifest.json`` and build the :class:`Manifest`."""
     if not isinstance(data, Mapping):
@@ -253,16 +386,17 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
             f"{where}: format_version is {version!r}, this edgemind reads version "
             f"{MODEL_FORMAT_VERSION}; convert the model again or upgrade edgemind"
         )
+    check_depth(data, where)
     name = _req(data, "model_name", str, where)
     alignment = check_alignment(_req(data, "alignment_bytes", int, where), where)
-    inputs = []
-    for i, obj in enumerate(_req(data, "inputs", list, where)):
-        iname = _req(obj, "name", str, f"{where}: input {i}")
-        dtype = _req(obj, "dtype", str, f"{where}: input {iname!r}")
-        shape = tuple(_req(obj, "shape", list, f"{where}: input {iname!r}"))
-        if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
-            raise ModelFormatError(f"{where}: input {iname!r} shape must hold ints and names")
-        inputs.append(InputSpec(iname, dtype, shape))
+    inputs = tuple(
+        _parse_input(obj, f"{where}: input {i}")
+        for i, obj in enumerate(_req(data, "inputs", list, where))
+    )
+    if len({i.name for i in inputs}) != len(inputs):
+        raise ModelFormatError(
+            f"{where}: input names must be unique, got {[i.name for i in inputs]}"
+        )
     layers = tuple(
         _parse_layer(obj, f"{where}: layer", alignment) for obj in _req(data, "layers", list, where)
     )
@@ -278,10 +412,11 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     metadata = data.get("metadata", {})
     if not isinstance(metadata, Mapping):
         raise ModelFormatError(f"{where}: metadata must be an object")
+    check_metadata(metadata, f"{where}: metadata")
     return Manifest(
         model_name=name,
         alignment_bytes=alignment,
-        inputs=tuple(inputs),
+        inputs=inputs,
         layers=layers,
         metadata=MappingProxyType(dict(metadata)),
     )
@@ -298,16 +433,34 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelFormatError(f"{model_dir}: model directory not found")
-    path = root / MANIFEST_NAME
+    return manifest_from_json(read_manifest_json(root), str(root / MANIFEST_NAME))
+
+
+def read_manifest_json(model_dir: str | os.PathLike[str]) -> Any:
+    """The decoded JSON of ``MODEL_DIR/manifest.json``, not yet validated.
+
+    Bounded in size and nesting, and UTF-8, or a one-line :class:`ModelFormatError`.
+    """
+    path = Path(model_dir) / MANIFEST_NAME
+    blob = read_bounded(path, MAX_MANIFEST_BYTES, what="manifest", error=ModelFormatError)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ModelFormatError(f"{path}: cannot read manifest ({exc.strerror})") from None
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFormatError(
+            f"{path}: not UTF-8 (byte 0x{blob[exc.start]:02x} at offset {exc.start}); "
+            "a manifest is UTF-8 JSON, convert the model again"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return manifest_from_json(data, str(path))
+    except RecursionError:
+        raise ModelFormatError(
+            f"{path}: JSON nested too deeply to read; convert the model again"
+        ) from None
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise ModelFormatError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+    return data
 
 
 def all_layer_specs(manifest: Manifest) -> Sequence[LayerSpec]:

@@ -21,6 +21,7 @@ import msgpack
 import numpy as np
 
 from edgemind.errors import ChecksumError, ModelFormatError
+from edgemind.files import open_regular
 from edgemind.units import DIRECT_IO_BLOCK
 from edgemind.weights.format import (
     BIN32_HEADER_BYTES,
@@ -36,8 +37,8 @@ from edgemind.weights.manifest import (
     Manifest,
     TensorSpec,
     all_layer_specs,
-    check_relative_path,
     load_manifest,
+    resolve_inside,
 )
 
 _HAS_PREADV = hasattr(os, "preadv")
@@ -72,9 +73,8 @@ def _layer_path(model_dir: str | os.PathLike[str], layer: LayerSpec) -> tuple[Pa
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelFormatError(f"{model_dir}: model directory not found")
-    check_relative_path(layer.file, f"layer {layer.name!r}")
-    path = root / layer.file
-    return path, str(path)
+    path = resolve_inside(root, layer.file, f"layer {layer.name!r}")
+    return path, str(root / layer.file)
 
 
 def _pread_some(f: io.FileIO, bufs: Sequence[memoryview], offset: int) -> int:
@@ -116,7 +116,13 @@ def _read_header(
     )
     pos, chunk = 0, _FIRST_HEADER_READ
     while True:
-        data = os.pread(f.fileno(), chunk, pos) if _HAS_PREADV else _seek_read(f, chunk, pos)
+        try:
+            data = os.pread(f.fileno(), chunk, pos) if _HAS_PREADV else _seek_read(f, chunk, pos)
+        except OSError as exc:
+            raise ModelFormatError(
+                f"{where}: reading the header failed at byte {pos} ({exc.strerror}); check the "
+                "disk, then copy or convert the model again"
+            ) from None
         if not data:
             raise ModelFormatError(
                 f"{where}: file ends inside its header after {pos} bytes (truncated or not an "
@@ -134,9 +140,10 @@ def _read_header(
                     f"not an edgemind weight file"
                 ) from None
             chunk = min(chunk * 4, MAX_HEADER_BYTES - pos)
-        except (ValueError, msgpack.BufferFull) as exc:
+        except (ValueError, TypeError, msgpack.BufferFull) as exc:  # TypeError: unhashable keys
             raise ModelFormatError(
-                f"{where}: header is not valid msgpack ({exc}); not an edgemind weight file"
+                f"{where}: header is not valid msgpack ({str(exc)[:80]}); not an edgemind "
+                "weight file"
             ) from None
     header = header_from_obj(obj, unpacker.tell(), where)
     if expected is not None:
@@ -151,6 +158,18 @@ def _seek_read(f: io.FileIO, n: int, pos: int) -> bytes:
 
 
 def _check_extent(f: io.FileIO, header: WeightFileHeader, where: str, check_objects: bool) -> None:
+    try:
+        _check_extent_io(f, header, where, check_objects)
+    except OSError as exc:
+        raise ModelFormatError(
+            f"{where}: layer {header.layer!r}: cannot read the file ({exc.strerror}); check the "
+            "disk, then copy or convert the model again"
+        ) from None
+
+
+def _check_extent_io(
+    f: io.FileIO, header: WeightFileHeader, where: str, check_objects: bool
+) -> None:
     size = os.fstat(f.fileno()).st_size
     for t in header.tensors:
         if t.offset_bytes + t.nbytes > size:
@@ -180,7 +199,7 @@ def _open_layer(
 ) -> Iterator[tuple[io.FileIO, str]]:
     path, where = _layer_path(model_dir, layer)
     try:
-        f = io.FileIO(path, "r")
+        f = open_regular(path)
     except OSError as exc:
         raise ModelFormatError(
             f"{where}: cannot open weight file of layer {layer.name!r} ({exc.strerror})"
@@ -199,7 +218,7 @@ def read_file_header(
     Reads only the first few KiB and 5 bytes before each payload.
     """
     try:
-        f = io.FileIO(path, "r")
+        f = open_regular(path)
     except OSError as exc:
         raise ModelFormatError(f"{path}: cannot open weight file ({exc.strerror})") from None
     with f:
@@ -255,7 +274,7 @@ class LayerFile:
         self.layer = layer
         path, self.where = _layer_path(model_dir, layer)
         try:
-            self._file = io.FileIO(path, "r")
+            self._file = open_regular(path)
         except OSError as exc:
             raise ModelFormatError(
                 f"{self.where}: cannot open weight file of layer {layer.name!r} ({exc.strerror})"

@@ -1,0 +1,211 @@
+"""Every bad input ends in one line: a test per class of issue 12.
+
+Each case feeds edgemind one hostile input and checks that it ends in a specific
+``EdgemindError`` with a one-line message or, through the CLI, in exit 1 or 2 with
+one line on stderr and no traceback. The fuzz harness (test_fuzz.py) keeps the
+classes closed; these pin one example of each.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgemind.cli import main
+from edgemind.errors import ModelFormatError
+from edgemind.weights import reader as reader_module
+from edgemind.weights.manifest import load_manifest
+from edgemind.weights.reader import LayerFile, read_file_header
+
+
+def one_line(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 1) -> str:
+    """Run the CLI; assert the exit code and exactly one line on stderr; return it."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == code, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def write_manifest(root: Path, data: Any) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    text = data if isinstance(data, (str, bytes)) else json.dumps(data)
+    path = root / "manifest.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+def _tensor(name: str, shape: list[int], offset: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "dtype": "float32",
+        "shape": shape,
+        "nbytes": math.prod(shape) * 4,
+        "offset": offset,
+        "crc32": "00000000",
+    }
+
+
+def tiny_bert(hidden: int = 8, heads: int = 2) -> dict[str, Any]:
+    """A one-encoder BERT manifest (no weight files: planning reads none)."""
+    shapes = {"q_weight": [hidden, hidden], "k_weight": [hidden, hidden]}
+    shapes |= {"v_weight": [hidden, hidden], "o_weight": [hidden, hidden]}
+    shapes |= {"ffn_in_weight": [hidden, 2 * hidden], "ffn_out_weight": [2 * hidden, hidden]}
+    for name in ("q", "k", "v", "o", "ffn_out"):
+        shapes[f"{name}_bias"] = [hidden]
+    shapes["ffn_in_bias"] = [2 * hidden]
+    for name in ("ln1", "ln2"):
+        shapes |= {f"{name}_gamma": [hidden], f"{name}_beta": [hidden]}
+    tensors = [_tensor(n, s, 4096 * (i + 1)) for i, (n, s) in enumerate(shapes.items())]
+    config = {"hidden": hidden, "heads": heads, "intermediate": 2 * hidden, "eps": 1e-12}
+    return {
+        "format": "edgemind-model",
+        "format_version": 1,
+        "model_name": "tiny-bert",
+        "alignment_bytes": 4096,
+        "inputs": [
+            {"name": "x", "dtype": "float32", "shape": ["batch", "seq", hidden]},
+            {"name": "attention_mask", "dtype": "int32", "shape": ["batch", "seq"]},
+        ],
+        "layers": [
+            {"name": "enc", "kind": "bert_encoder", "config": config, "file": "enc.msgpack"}
+            | {"tensors": tensors}
+        ],
+        "metadata": {"tokenizer": "tokenizer.json", "max_seq_length": 16},
+    }
+
+
+@pytest.fixture(scope="module")
+def toy_json(toy_model: Path) -> dict[str, Any]:
+    return json.loads((toy_model / "manifest.json").read_text())
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _set(path: str, value: Any) -> Any:
+    """A change to a decoded manifest: ``path`` like ``layers.0.file``."""
+
+    def change(data: dict[str, Any]) -> None:
+        *keys, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        target: Any = data
+        for key in keys:
+            target = target[key]
+        target[last] = value
+
+    return change
+
+
+MANIFEST_CASES = {
+    "nul byte in a file name": (_set("layers.0.file", "layers/00\x00.msgpack"), "relative path"),
+    "input dtype ''": (_set("inputs.0.dtype", ""), "unknown dtype ''"),
+    "negative input dim": (_set("inputs.0.shape", ["batch", -5]), "positive integers"),
+    "huge input dim": (_set("inputs.0.shape", ["batch", 10**30]), "positive integers"),
+    "config 900 deep": (_set("layers.0.config.deep", _nested(900)), "nested more than"),
+    "10^12-element tensor": (
+        _set("layers.0.tensors.0", _tensor("w", [10**6, 10**6], 4096)),
+        "exceed one msgpack bin32",
+    ),
+}
+for _value in (1, [1], "x", float("nan"), 1e30):
+    MANIFEST_CASES[f"max_seq_length {_value!r}"] = (
+        _set("metadata.max_seq_length", _value),
+        "max_seq_length is",
+    )
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES)
+def test_bad_manifests_end_in_one_line(case, toy_json, tmp_path, capsys):
+    change, message = MANIFEST_CASES[case]
+    data = copy.deepcopy(toy_json)
+    data.setdefault("metadata", {})
+    change(data)
+    root = write_manifest(tmp_path / "m", data)
+    with pytest.raises(ModelFormatError, match=message) as info:
+        load_manifest(root)
+    assert "\n" not in str(info.value)
+    assert message in one_line(capsys, ["inspect", root])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (b'{"format": "\xff"}', "not UTF-8 (byte 0xff at offset 12)"),
+        ("1" * 5000, "not valid JSON"),
+    ],
+    ids=["json 100,000 deep", "not UTF-8", "5,000-digit number"],
+)
+def test_unreadable_manifests_end_in_one_line(text, message, tmp_path, capsys):
+    root = write_manifest(tmp_path / "m", text)
+    assert message in one_line(capsys, ["inspect", root])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set("inputs", tiny_bert()["inputs"][:1]), "KeyError 'attention_mask'"),
+        (_set("layers.0.config.heads", 0), "ZeroDivisionError"),
+        ("embeddings", "IndexError"),
+    ],
+    ids=["BERT without its mask input", "heads: 0", "no token type rows"],
+)
+def test_layer_code_failing_while_costing_is_one_line(change, message, tmp_path, capsys):
+    data = tiny_bert()
+    if change == "embeddings":  # token_type_embeddings with no rows: [0] is out of range
+        shapes = {"word_embeddings": [10, 8], "position_embeddings": [16, 8]}
+        shapes |= {"token_type_embeddings": [0, 8], "ln_gamma": [8], "ln_beta": [8]}
+        config = {"hidden": 8, "eps": 1e-12, "gathered": ["word_embeddings"], "vocab_size": 10}
+        config |= {"max_position_embeddings": 16, "type_vocab_size": 0}
+        data["inputs"] = [{"name": "x", "dtype": "int32", "shape": ["batch", "seq"]}]
+        data["inputs"].append(tiny_bert()["inputs"][1])
+        data["layers"][0] |= {"kind": "bert_embeddings", "config": config}
+        data["layers"][0]["tensors"] = [
+            _tensor(n, s, 4096 * (i + 1)) for i, (n, s) in enumerate(shapes.items())
+        ]
+    else:
+        change(data)
+    root = write_manifest(tmp_path / "m", data)
+    line = one_line(capsys, ["plan", root, "--seq", "4"])
+    assert "layer 'enc' (kind 'bert_" in line and message in line
+
+
+def test_sparse_10e12_element_tensor_in_a_weight_file_is_refused(toy_model, tmp_path, capsys):
+    from edgemind.weights.format import pack_header
+    from edgemind.weights.manifest import TensorSpec
+
+    n = 10**6
+    path = tmp_path / "w.msgpack"
+    with path.open("wb") as f:
+        f.write(pack_header("L0", 4096, [TensorSpec("w", "uint8", (n, n), n * n, 4096, "0" * 8)]))
+        f.truncate(4096 + n * n)  # sparse: no disk used
+    with pytest.raises(ModelFormatError, match="exceed one msgpack bin32"):
+        read_file_header(path)
+
+
+def test_a_header_read_failing_with_eio_is_one_line(toy_model, monkeypatch):
+    layer = load_manifest(toy_model).layers[0]
+
+    def fail(*args: object) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(reader_module.os, "pread", fail)
+    with pytest.raises(ModelFormatError, match=r"reading the header failed .*Input/output error"):
+        LayerFile(toy_model, layer)
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
