@@ -11,9 +11,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from edgemind.errors import EdgemindError, MemoryQuotaExceeded
+from edgemind.errors import EdgemindError, MemoryQuotaExceeded, brief
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_EARLY_EXIT, EXIT_INFEASIBLE = 0, 1, 2, 3, 4
 
@@ -30,16 +30,20 @@ def _residency(text: str) -> int | str:
     return value
 
 
-def _number(kind: type, minimum: float, what: str) -> Any:
-    """An argparse type: a number of ``kind`` that is at least ``minimum`` (usage error else)."""
+def _number(kind: type, minimum: float, what: str, maximum: float = 2**63 - 1) -> Any:
+    """An argparse type: a number of ``kind`` from ``minimum`` to ``maximum`` (usage error else).
+
+    The maximum keeps every flag finite and inside what the OS and NumPy take (a seed,
+    a sleep, a capacity); library checks still bound what they receive.
+    """
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value >= minimum:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        except ValueError:  # also an int of more than 4,300 digits
+            raise argparse.ArgumentTypeError(f"expected {what}, got {brief(text, 40)}") from None
+        if not minimum <= value <= maximum:  # also rejects nan and inf
+            raise argparse.ArgumentTypeError(f"expected {what}, got {brief(text, 40)}")
         return value
 
     return parse
@@ -47,17 +51,27 @@ def _number(kind: type, minimum: float, what: str) -> Any:
 
 POSITIVE_INT = _number(int, 1, "a positive integer")
 COUNT = _number(int, 0, "an integer >= 0")
-SECONDS = _number(float, 0.0, "seconds >= 0")
-MIB_SIZE = _number(float, 1 / (1 << 20), "a positive number of MiB")
+SEED = _number(int, 0, "a seed from 0 to 2**63 - 1")
+SECONDS = _number(float, 0.0, "seconds from 0 to 86400", 86400.0)
+MIB_SIZE = _number(float, 1 / (1 << 20), "a number of MiB from 1 B to 1 PiB", 2.0**30)
+CAPACITY_BYTES = _number(int, 1, "a number of bytes from 1 to 2**50 (1 PiB)", 2**50)
 
 
-def _policy_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad usage reported on one line (exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())[:300]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _policy_flags() -> _Parser:
+    flags = _Parser(add_help=False)
     group = flags.add_argument_group("policy (flags override policy.yaml and the environment)")
     group.add_argument("--policy", metavar="YAML", help="policy file (default: built-in defaults)")
     size = group.add_mutually_exclusive_group()
     size.add_argument("--arena-mb", type=MIB_SIZE, metavar="MIB", help="arena capacity in MiB")
-    size.add_argument("--arena-bytes", type=POSITIVE_INT, metavar="N", help="capacity in bytes")
+    size.add_argument("--arena-bytes", type=CAPACITY_BYTES, metavar="N", help="capacity in bytes")
     group.add_argument(
         "--keep-resident",
         type=_residency,
@@ -82,7 +96,7 @@ def _policy_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgemind",
         description="Run neural networks under a hard memory budget by streaming weights.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 early exit, 4 infeasible/rejected",
@@ -129,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to embed (repeatable; text models such as MiniLM)",
     )
     source.add_argument("--text-file", metavar="FILE", help="texts to embed, one per line")
-    run.add_argument("--seed", type=int, default=0, help="seed for --random-input")
+    run.add_argument("--seed", type=SEED, default=0, help="seed for --random-input")
     run.add_argument("--output", metavar="OUT.npy", help="write the output array here")
     run.add_argument("--plan", metavar="PLAN", help="use a plan file made by `edgemind plan`")
     run.add_argument("--repeat", type=POSITIVE_INT, default=1, metavar="N", help="run N requests")
@@ -207,10 +221,8 @@ def _policy(args: argparse.Namespace) -> Any:
 
         try:
             arena = mib_to_bytes(args.arena_mb)
-        except ValueError:
-            raise PolicyError(
-                f"--arena-mb: expected a positive number, got {args.arena_mb}"
-            ) from None
+        except ValueError as exc:
+            raise PolicyError(f"--arena-mb: {exc}") from None
     return load_policy(
         args.policy,
         overrides={

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,18 +28,22 @@ def run_command(args: argparse.Namespace, policy: Policy, dims: dict[str, int]) 
 
     runtime = Runtime.open(args.model_dir, policy)
     policy = runtime.policy
+    check_physical_memory(policy.arena_capacity_bytes)
     if args.metrics_textfile:
         check_textfile_path(args.metrics_textfile)
     registry = CollectorRegistry()
     metrics = RunMetrics(registry, runtime.manifest.model_name)
     addr = args.metrics_addr or (policy.metrics_http_addr if policy.metrics_enable_http else None)
     exporter = start_http_exporter(registry, addr) if addr else None
+    if exporter is not None and not exporter.loopback_only:  # written explicitly; say so
+        print(f"edgemind: metrics {exporter.describe()}", file=sys.stderr, flush=True)
     try:
         with runtime:
             complete = _serve_requests(args, runtime, metrics, dims)
         if exporter is not None and args.linger:  # the arena is released by now
             print(
-                f"edgemind: serving metrics at {exporter.url} for {args.linger:g} s",
+                f"edgemind: serving metrics at {exporter.url} for {args.linger:g} s, "
+                f"{exporter.describe()}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -47,6 +52,32 @@ def run_command(args: argparse.Namespace, policy: Policy, dims: dict[str, int]) 
         if exporter is not None:
             exporter.close()
     return complete
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_physical_memory(capacity_bytes: int) -> None:
+    """Refuse, before any allocation, to run with a capacity larger than the machine's RAM.
+
+    Planning for a bigger machine is fine (``edgemind plan`` does not check); running
+    is not: the arena could not be backed, and NumPy would fail mid-request.
+    """
+    from edgemind.errors import PolicyError
+    from edgemind.units import format_bytes
+
+    ram = physical_memory_bytes()
+    if ram is not None and ram > 0 and capacity_bytes > ram:
+        raise PolicyError(
+            f"arena capacity {format_bytes(capacity_bytes)} is more than this machine's "
+            f"{format_bytes(ram)} of memory; lower model.arena_capacity_mb, --arena-mb or "
+            "--arena-bytes"
+        )
 
 
 def _serve_requests(

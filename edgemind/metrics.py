@@ -32,7 +32,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgemind.errors import MemoryQuotaExceeded, MetricsError
+from edgemind.errors import MemoryQuotaExceeded, MetricsError, brief
 from edgemind.planner.plan import Plan
 from edgemind.report_text import arena_usage_bytes, exit_level_value
 from edgemind.runtime.report import RunReport
@@ -216,19 +216,20 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 def parse_http_addr(text: str) -> tuple[str, int]:
     """Split ``metrics.http_addr`` into ``(host, port)``.
 
-    Accepts ``host:port``, ``[ipv6]:port`` and ``:port`` (every interface, ``0.0.0.0``).
-    Port 0 asks the system for a free port.
+    Accepts ``host:port`` and ``[ipv6]:port``; port 0 asks the system for a free port.
+    The host must be written: ``:port`` is refused rather than read as every interface,
+    so serving beyond this machine (``0.0.0.0:port``) is always a deliberate choice.
 
     >>> parse_http_addr("[::1]:0")
     ('::1', 0)
     """
     hint = "expected 'host:port', such as 127.0.0.1:9090"
     if not isinstance(text, str):
-        raise MetricsError(f"metrics.http_addr {text!r}: {hint}")
+        raise MetricsError(f"metrics.http_addr {brief(text)}: {hint}")
     addr = text.strip()
 
     def bad(why: str) -> MetricsError:
-        return MetricsError(f"metrics.http_addr {text!r}: {why}; {hint}")
+        return MetricsError(f"metrics.http_addr {brief(text, 60)}: {why}; {hint}")
 
     if "://" in addr or "/" in addr:
         raise bad("give no scheme or path")
@@ -245,9 +246,12 @@ def parse_http_addr(text: str) -> tuple[str, int]:
     elif ":" in host:
         raise bad("write an IPv6 host in brackets, as [::1]:9090")
     elif host == "":
-        host = "0.0.0.0"
-    elif not _HOST_RE.match(host):
-        raise bad(f"{host!r} is not a host name or IP address")
+        raise bad(
+            f"give a host: 127.0.0.1:{port_text} serves this machine only, "
+            f"0.0.0.0:{port_text} every interface"
+        )
+    elif not _HOST_RE.match(host) or len(host) > 253 or any(len(p) > 63 for p in host.split(".")):
+        raise bad(f"{brief(host, 40)} is not a host name or IP address")
     return host, int(port_text)
 
 
@@ -262,10 +266,32 @@ class MetricsExporter:
 
     @property
     def url(self) -> str:
+        """Where to scrape from this machine (every interface includes loopback)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         if host in ("0.0.0.0", "[::]"):
             host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
         return f"http://{host}:{self.port}/metrics"
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when only this machine can connect (a loopback address or localhost)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: whatever it resolves to, not assumed private
+            return False
+
+    def describe(self) -> str:
+        """What is really bound, for a message: ``listening on 0.0.0.0:9100 (...)``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.loopback_only:
+            scope = "this machine only"
+        elif self.host in ("0.0.0.0", "::"):
+            scope = "every interface: reachable from other machines"
+        else:
+            scope = "beyond loopback: reachable from other machines"
+        return f"listening on {host}:{self.port} ({scope})"
 
     def close(self) -> None:
         if self._server is None:

@@ -15,18 +15,21 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from edgemind.errors import PolicyError
-from edgemind.units import DIRECT_IO_BLOCK, MIB, format_bytes, mib_to_bytes
+from edgemind.errors import PolicyError, brief
+from edgemind.files import read_bounded
+from edgemind.units import DIRECT_IO_BLOCK, MAX_CAPACITY_BYTES, MIB, format_bytes, mib_to_bytes
 
 ENV_ARENA_MB = "EDGE_MODEL_ARENA_MB"
 QUOTA_ACTIONS = ("early_exit", "reject_request")
 READ_MODES = ("buffered", "direct")
 ENFORCE_MODES = ("off", "warn", "fail")
+MAX_POLICY_BYTES = 1 << 20  # a policy file is a few lines
+MAX_POLICY_DEPTH = 8  # sections, keys, values: three levels are all a policy has
+MAX_HTTP_ADDR_CHARS = 270  # a 253-character host name, brackets, colon, port
 Residency = int | Literal["auto"]
 
 # The valid keys of policy.yaml, section by section, with the field each one sets.
@@ -67,11 +70,17 @@ class Policy:
 
     def __post_init__(self) -> None:
         _check_int("model.arena_capacity_mb", self.arena_capacity_bytes, minimum=1)
+        if self.arena_capacity_bytes > MAX_CAPACITY_BYTES:
+            raise PolicyError(
+                f"model.arena_capacity_mb: {self.arena_capacity_bytes} bytes is more than the "
+                f"{MAX_CAPACITY_BYTES // MIB} MiB (1 PiB) edgemind accepts"
+            )
         if self.keep_resident_layers != "auto":
             value = self.keep_resident_layers
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PolicyError(
-                    f"model.keep_resident_layers: expected an integer >= 1 or 'auto', got {value!r}"
+                    "model.keep_resident_layers: expected an integer >= 1 or 'auto', got "
+                    f"{brief(value)}"
                 )
         _check_int("model.prefetch_depth", self.prefetch_depth, minimum=0)
         _check_int("model.alignment_bytes", self.alignment_bytes, minimum=64)
@@ -84,24 +93,31 @@ class Policy:
             ("metrics.enable_http", self.metrics_enable_http),
         ):
             if not isinstance(value, bool):
-                raise PolicyError(f"{key}: expected true or false, got {value!r}")
+                raise PolicyError(f"{key}: expected true or false, got {brief(value)}")
         if self.read_mode not in READ_MODES:
             raise PolicyError(
-                f"model.read_mode: expected one of {', '.join(READ_MODES)}, got {self.read_mode!r}"
+                f"model.read_mode: expected one of {', '.join(READ_MODES)}, got "
+                f"{brief(self.read_mode)}"
             )
         if self.enforce not in ENFORCE_MODES:
             raise PolicyError(
-                f"model.enforce: expected one of {', '.join(ENFORCE_MODES)}, got {self.enforce!r}"
+                f"model.enforce: expected one of {', '.join(ENFORCE_MODES)}, got "
+                f"{brief(self.enforce)}"
             )
         if self.on_memory_quota_exceeded not in QUOTA_ACTIONS:
             raise PolicyError(
                 "scheduler.on_memory_quota_exceeded: expected one of "
-                f"{', '.join(QUOTA_ACTIONS)}, got {self.on_memory_quota_exceeded!r}"
+                f"{', '.join(QUOTA_ACTIONS)}, got {brief(self.on_memory_quota_exceeded)}"
             )
         addr = self.metrics_http_addr
         port = addr.rpartition(":")[2] if isinstance(addr, str) else ""
-        if not port.isdigit() or int(port) > 65535:
-            raise PolicyError(f"metrics.http_addr: expected 'host:port', got {addr!r}")
+        if not port.isdigit() or len(port) > 5 or int(port) > 65535:
+            raise PolicyError(f"metrics.http_addr: expected 'host:port', got {brief(addr)}")
+        if len(addr) > MAX_HTTP_ADDR_CHARS:
+            raise PolicyError(
+                f"metrics.http_addr: {brief(addr, 40)} is {len(addr)} characters; a host name "
+                "has at most 253"
+            )
 
     @property
     def buffer_alignment_bytes(self) -> int:
@@ -136,24 +152,82 @@ class Policy:
 
 def _check_int(key: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PolicyError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        raise PolicyError(f"{key}: expected an integer >= {minimum}, got {brief(value)}")
 
 
 def _capacity_from_mb(where: str, value: object) -> int:
     if isinstance(value, str):
         try:
-            value = float(value)
+            value = float(value[:100])
         except ValueError:
             raise PolicyError(
-                f"{where}: expected a positive number of MiB, got {value!r}"
+                f"{where}: expected a positive number of MiB, got {brief(value)}"
             ) from None
     try:
         nbytes = mib_to_bytes(value)  # type: ignore[arg-type]
-    except ValueError:
-        raise PolicyError(f"{where}: expected a positive number of MiB, got {value!r}") from None
+    except (ValueError, OverflowError) as exc:
+        raise PolicyError(f"{where}: {exc}") from None
     if nbytes < 1:
-        raise PolicyError(f"{where}: {value!r} MiB is less than one byte")
+        raise PolicyError(f"{where}: {brief(value)} MiB is less than one byte")
     return nbytes
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and with bounded nesting.
+
+    A policy needs neither; refusing them keeps a few hostile bytes (an alias bomb, a
+    list nested thousands deep) from costing gigabytes or overflowing the stack.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise PolicyError(
+                f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a policy; "
+                "write the value out"
+            )
+        self.depth += 1
+        try:
+            if self.depth > MAX_POLICY_DEPTH:
+                mark = self.peek_event().start_mark
+                raise PolicyError(
+                    f"line {mark.line + 1}: nested more than {MAX_POLICY_DEPTH} levels; a "
+                    "policy has sections of keys and values"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _parse_yaml(blob: bytes, source: str) -> Any:
+    """The policy file's YAML document (UTF-8, no aliases, shallow), or a PolicyError."""
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            f"{source}: not UTF-8 (byte 0x{blob[exc.start]:02x} at offset {exc.start}); save "
+            "the policy as UTF-8"
+        ) from None
+    loader = _PolicyLoader(text)
+    try:
+        return loader.get_single_data()
+    except PolicyError as exc:
+        raise PolicyError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise PolicyError(f"{source}: not valid YAML{where}") from None
+    except (RecursionError, ValueError, OverflowError) as exc:  # a 5,000-digit int...
+        raise PolicyError(f"{source}: cannot read the YAML ({str(exc)[:80]})") from None
+    finally:
+        loader.dispose()
+
+
+def _name(key: object) -> str:
+    """A YAML key as written, cut short (keys can be any YAML value)."""
+    return key[:40] if isinstance(key, str) else brief(key, 40)
 
 
 def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -161,7 +235,8 @@ def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     for section, body in data.items():
         if section not in _SCHEMA:
             raise PolicyError(
-                f"{source}: unknown section {section!r}; valid sections: {', '.join(_SCHEMA)}"
+                f"{source}: unknown section {_name(section)!r}; valid sections: "
+                f"{', '.join(_SCHEMA)}"
             )
         if body is None:
             continue
@@ -170,7 +245,9 @@ def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
         for key, value in body.items():
             if key not in _SCHEMA[section]:
                 valid = ", ".join(f"{section}.{k}" for k in _SCHEMA[section])
-                raise PolicyError(f"{source}: unknown key {section}.{key!s}; valid keys: {valid}")
+                raise PolicyError(
+                    f"{source}: unknown key {section}.{_name(key)}; valid keys: {valid}"
+                )
             field = _SCHEMA[section][key]
             if field == "arena_capacity_bytes":
                 value = _capacity_from_mb(f"{source}: {section}.{key}", value)
@@ -193,16 +270,8 @@ def load_policy(
     fields: dict[str, Any] = {}
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise PolicyError(f"{source}: cannot read policy file ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise PolicyError(f"{source}: not valid YAML{where}") from None
+        blob = read_bounded(path, MAX_POLICY_BYTES, what="policy file", error=PolicyError)
+        data = _parse_yaml(blob, source)
         if data is None:
             data = {}
         if not isinstance(data, Mapping):

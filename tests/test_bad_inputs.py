@@ -12,6 +12,7 @@ import copy
 import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,100 @@ def test_a_header_read_failing_with_eio_is_one_line(toy_model, monkeypatch):
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+# ------------------------------------------------------- policy, environment and flags
+
+ALIAS_BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]\n"
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["plan", "{m}", "--arena-mb", "1e308"], 2, "from 1 B to 1 PiB"),
+        (["plan", "{m}", "--arena-bytes", str(2**60)], 2, "from 1 to 2**50"),
+        (["run", "{m}", "--random-input", "--seed", "-1"], 2, "a seed from 0"),
+        (["run", "{m}", "--random-input", "--linger", "1e308"], 2, "seconds from 0"),
+        (["plan", "{m}", "--batch", "4611686018427387904"], 1, "lower the batch"),
+        (["run", "{m}", "--random-input", "--batch", str(2**40)], 1, "lower the batch"),
+    ],
+    ids=["arena-mb 1e308", "arena-bytes 2**60", "seed -1", "linger 1e308", "batch 2**62", "run"],
+)
+def test_bad_flags_end_in_one_line(argv, code, message, toy_model, capsys):
+    line = one_line(capsys, [a.format(m=toy_model) for a in argv], code)
+    assert message in line
+
+
+def test_env_arena_1e308_is_one_line(toy_model, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_MODEL_ARENA_MB", "1e308")
+    assert "EDGE_MODEL_ARENA_MB: expected at most" in one_line(capsys, ["plan", toy_model])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  arena_capacity_mb: 1.0e+308\n", "expected at most 1073741824 MiB"),
+        (b"model:\n  read_mode: \xff\n", "not UTF-8 (byte 0xff at offset 20)"),
+        ("[" * 5000 + "]" * 5000, "nested more than 8 levels"),
+        (ALIAS_BOMB, "YAML aliases (*name) are not allowed"),
+        ("model:\n  arena_capacity_mb: " + "9" * 5000 + "\n", "4300 digits"),
+        (
+            "metrics:\n  enable_http: true\n  http_addr: '" + "a" * 300 + ":9999'\n",
+            "a host name has at most 253",
+        ),
+    ],
+    ids=["capacity 1e308", "not UTF-8", "5,000 deep", "alias bomb", "5,000 digits", "long host"],
+)
+def test_bad_policy_files_end_in_one_line(text, message, toy_model, tmp_path, capsys):
+    import time
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes(text if isinstance(text, bytes) else text.encode())
+    start = time.perf_counter()
+    line = one_line(capsys, ["run", toy_model, "--random-input", "--policy", policy])
+    assert message in line and len(line) < 400
+    assert time.perf_counter() - start < 10  # the bomb is refused, not expanded
+
+
+def test_a_fifo_as_policy_file_is_refused_without_blocking(toy_model, tmp_path, capsys):
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    assert "a FIFO, not a regular file" in one_line(capsys, ["plan", toy_model, "--policy", fifo])
+
+
+def test_a_capacity_beyond_physical_memory_fails_before_allocating(toy_model, capsys):
+    from edgemind.cli_run import physical_memory_bytes
+
+    ram = physical_memory_bytes()
+    if ram is None or 2 * ram > 2**50:
+        pytest.skip("no physical memory figure on this machine")
+    argv = ["run", toy_model, "--random-input", "--arena-bytes", str(2 * ram)]
+    assert "more than this machine's" in one_line(capsys, argv)
+    # planning for a bigger machine is fine
+    assert main(["plan", str(toy_model), "--arena-bytes", str(2 * ram)]) == 0
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------- binding
+
+
+def test_an_empty_metrics_host_is_refused(toy_model, capsys):
+    argv = ["run", toy_model, "--random-input", "--metrics-addr", ":0"]
+    assert "give a host: 127.0.0.1:0 serves this machine only" in one_line(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("addr", "said"),
+    [("0.0.0.0:0", "every interface: reachable from other machines"), ("127.0.0.1:0", None)],
+)
+def test_binding_beyond_loopback_is_said(addr, said, toy_model, capsys):
+    argv = ["run", str(toy_model), "--random-input", "--metrics-addr", addr]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    if said is None:
+        assert err == ""
+    else:
+        assert said in err and "listening on 0.0.0.0:" in err

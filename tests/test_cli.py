@@ -232,7 +232,8 @@ def test_failed_run_writes_no_output(capsys, toy_model, tmp_path):
 def test_bad_usage_exits_2(capsys, toy_model, argv):
     code, out, err = run_cli(capsys, *(a.format(model=toy_model) for a in argv))
     assert code == EXIT_USAGE
-    assert "usage:" in err and "Traceback" not in err and out == ""
+    assert "--help" in err and "Traceback" not in err and out == ""
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_inspect_verify_fails_on_a_corrupted_payload(capsys, toy_model, tmp_path):

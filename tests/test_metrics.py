@@ -257,7 +257,7 @@ def test_report_agrees_with_series(registry: CollectorRegistry, outcome: str) ->
     [
         ("127.0.0.1:9090", ("127.0.0.1", 9090)),
         (" localhost:0 ", ("localhost", 0)),
-        (":9100", ("0.0.0.0", 9100)),
+        ("0.0.0.0:9100", ("0.0.0.0", 9100)),
         ("[::1]:9090", ("::1", 9090)),
         ("metrics-host.local:65535", ("metrics-host.local", 65535)),
     ],
@@ -279,6 +279,9 @@ def test_parse_http_addr(text: str, expected: tuple[str, int]) -> None:
         ("[nothost]:9090", "IPv6"),
         ("bad host:9090", "host name"),
         ("", "no port"),
+        (":9100", "give a host: 127.0.0.1:9100 serves this machine only"),
+        ("a" * 300 + ":9100", "not a host name"),
+        ("a" * 64 + ".example:9100", "not a host name"),
     ],
 )
 def test_parse_http_addr_rejects(text: str, match: str) -> None:
