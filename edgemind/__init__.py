@@ -14,6 +14,10 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from edgemind.xla_env import apply_bound_settings
+
+apply_bound_settings()  # before JAX starts its backend: see edgemind/xla_env.py
+
 try:
     __version__ = version("edgemind")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree

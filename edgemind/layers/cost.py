@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,11 +22,16 @@ import jax.numpy as jnp
 
 from edgemind.errors import ModelFormatError
 from edgemind.layers.registry import freeze_config, get_kind, jitted
-from edgemind.planner.plan import CostTable, ExitCost, UnitCost
+from edgemind.planner.plan import CostTable, ExitCost, UnitCost, WorkingSetSource
 from edgemind.units import align_up
 from edgemind.weights.manifest import DTYPES, LayerSpec, Manifest, all_layer_specs
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per array
+UnitKey = tuple[str, tuple[tuple[str, Any], ...], Signature, Signature, Signature]
+# (kind, frozen config, params, x, ctx): one compiled executable
+Measure = Callable[[UnitKey, jax.stages.Compiled], "int | None"]
+"""Measures a compiled unit's working set in bytes (None: cannot measure here); the
+runtime supplies one (:class:`edgemind.runtime.workset.WorkingSetMeter`)."""
 
 
 def struct_nbytes(sds: jax.ShapeDtypeStruct) -> int:
@@ -134,12 +139,15 @@ def unit_cost(
     ctx: Mapping[str, jax.ShapeDtypeStruct],
     *,
     gather_rows: int | None = None,
+    measure: Measure | None = None,
 ) -> tuple[UnitCost, jax.ShapeDtypeStruct]:
     """The cost of running ``spec`` on input ``x`` (with context ``ctx``), and its output.
 
     ``tensors`` are the bytes this request loads: a gathered tensor (config
     ``"gathered"``, an embedding table) costs only ``gather_rows`` rows, by default one
     per element of ``x`` (the chain input's ids, when ``spec`` is the first layer).
+    With ``measure``, the working set is ``max(memory_analysis, measured)`` and the cost
+    says ``working_set_source="measured"``.
 
     >>> from edgemind.weights.manifest import LayerSpec, TensorSpec
     >>> w = TensorSpec("w", "float32", (8, 4), 128, 0, "00000000")
@@ -163,14 +171,15 @@ def unit_cost(
         )
     rows = math.prod(x.shape) if gather_rows is None else gather_rows
     params = param_structs(spec, rows)
+    key: UnitKey = (
+        spec.kind,
+        freeze_config(spec.config),
+        _signature(params),
+        _signature({"x": x}),
+        _signature(ctx),
+    )
     try:
-        out, working_set_bytes = _analyse(
-            spec.kind,
-            freeze_config(spec.config),
-            _signature(params),
-            _signature({"x": x}),
-            _signature(ctx),
-        )
+        out, working_set_bytes = _analyse(*key)
     except ModelFormatError as exc:
         raise ModelFormatError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:  # shape or dtype mismatch found while tracing
@@ -190,6 +199,10 @@ def unit_cost(
             f"the layer's config and the model's inputs ({', '.join(sorted(ctx)) or 'none'}"
             " besides the chain input), or convert the model again"
         ) from None
+    source: WorkingSetSource = "analysis"
+    measured = None if measure is None else measure(key, _compile(*key))
+    if measured is not None:
+        working_set_bytes, source = max(working_set_bytes, measured), "measured"
     tensors = tuple((name, struct_nbytes(sds)) for name, sds in params.items())
     cost = UnitCost(
         spec.name,
@@ -198,6 +211,7 @@ def unit_cost(
         struct_nbytes(out),
         working_set_bytes,
         pinnable=not gathered_tensors(spec),  # gathered rows belong to one request
+        working_set_source=source,
     )
     return cost, out
 
@@ -207,11 +221,12 @@ CONTEXT_ALIGNMENT = 64  # each context input's start in its shared buffer: JAX's
 
 def compiled_units(
     manifest: Manifest, dims: Mapping[str, int], units: Sequence[str]
-) -> dict[str, jax.stages.Compiled]:
+) -> dict[str, tuple[UnitKey, jax.stages.Compiled]]:
     """The executables of a chain of units (a plan's ``units``) for one input shape.
 
     They are the very executables :func:`cost_table` compiled and measured, so running
-    them compiles nothing and their working sets are the ones the plan counted.
+    them compiles nothing and their working sets are the ones the plan counted. Each
+    comes with its signature key (what :func:`edgemind.runtime.workset.zero_args` takes).
     """
     specs = {s.name: s for s in all_layer_specs(manifest)}
     structs = input_structs(manifest, dims)
@@ -221,18 +236,21 @@ def compiled_units(
     for name in units:
         spec = specs[name]
         params = _signature(param_structs(spec, rows))
-        key = (spec.kind, freeze_config(spec.config), params, _signature({"x": x}), ctx)
-        compiled[name] = _compile(*key)
+        key: UnitKey = (spec.kind, freeze_config(spec.config), params, _signature({"x": x}), ctx)
+        compiled[name] = (key, _compile(*key))
         x = _analyse(*key)[0]
     return compiled
 
 
-def cost_table(manifest: Manifest, dims: Mapping[str, int]) -> CostTable:
+def cost_table(
+    manifest: Manifest, dims: Mapping[str, int], *, measure: Measure | None = None
+) -> CostTable:
     """Every layer's and exit head's cost for the input shape that ``dims`` fixes.
 
     The first input is the chain's input; the others are context every unit receives.
     Exit level k's head runs on the output of the layer it follows. Gathered tensors
-    hold one row per element of the chain input (its token ids).
+    hold one row per element of the chain input (its token ids). ``measure`` (the
+    runtime's) turns analysed working sets into measured ones.
     """
     structs = input_structs(manifest, dims)
     x = structs[0]
@@ -241,7 +259,7 @@ def cost_table(manifest: Manifest, dims: Mapping[str, int]) -> CostTable:
     layers: list[UnitCost] = []
     outputs: list[jax.ShapeDtypeStruct] = []
     for spec in manifest.layers:
-        cost, x = unit_cost(spec, x, ctx, gather_rows=rows)
+        cost, x = unit_cost(spec, x, ctx, gather_rows=rows, measure=measure)
         layers.append(cost)
         outputs.append(x)
     exits = []
@@ -249,7 +267,7 @@ def cost_table(manifest: Manifest, dims: Mapping[str, int]) -> CostTable:
         head_spec = manifest.layers[index].exit_head
         head = None
         if head_spec is not None:
-            head = unit_cost(head_spec, outputs[index], ctx, gather_rows=rows)[0]
+            head = unit_cost(head_spec, outputs[index], ctx, gather_rows=rows, measure=measure)[0]
         exits.append(ExitCost(level=level, after_layer=index, head=head))
     return CostTable(
         model_name=manifest.model_name,

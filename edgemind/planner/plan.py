@@ -15,6 +15,9 @@ from typing import Literal
 Role = Literal["weights", "prefetch", "pinned", "activation", "working_set"]
 ROLES: tuple[str, ...] = ("weights", "prefetch", "pinned", "activation", "working_set")
 Status = Literal["feasible", "early_exit", "infeasible"]
+# How working sets were obtained: XLA's memory_analysis() alone, or the larger of it and
+# the RSS growth of a measured call (edgemind.runtime.workset).
+WorkingSetSource = Literal["measured", "analysis"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +28,9 @@ class UnitCost:
     kind: str
     tensors: tuple[tuple[str, int], ...]  # (tensor name, bytes this request loads)
     output_bytes: int  # the output activation the unit produces
-    working_set_bytes: int  # XLA outputs + temporaries - aliases of one call
+    working_set_bytes: int  # what XLA allocates for one call: outputs, temporaries, scratch
     pinnable: bool = True  # False when its weights depend on the request (gathered rows)
+    working_set_source: WorkingSetSource = "analysis"
 
     @property
     def weight_bytes(self) -> int:
@@ -143,6 +147,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     manifest_digest: str = ""
     policy_digest: str = ""
+    working_set_source: WorkingSetSource = "analysis"  # "measured" when every unit's was
 
     @property
     def feasible(self) -> bool:

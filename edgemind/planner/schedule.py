@@ -539,6 +539,9 @@ def _materialize(
         notes=notes,
         manifest_digest=digests[0],
         policy_digest=digests[1],
+        working_set_source=(
+            "measured" if all(u.working_set_source == "measured" for u in units) else "analysis"
+        ),
     )
 
 

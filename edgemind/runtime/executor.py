@@ -11,15 +11,16 @@ slot, and releases what the plan frees. Any error releases everything.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemind.errors import EdgemindError, MemoryQuotaExceeded
+from edgemind.errors import EdgemindError, MemoryBoundExceeded, MemoryQuotaExceeded
 from edgemind.layers.cost import (
     CONTEXT_ALIGNMENT,
     compiled_units,
@@ -29,7 +30,8 @@ from edgemind.layers.cost import (
 from edgemind.planner.plan import Buffer, Plan
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
-from edgemind.units import align_up
+from edgemind.runtime.workset import warm_up
+from edgemind.units import align_up, format_bytes
 from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import LayerSpec, Manifest, all_layer_specs
 from edgemind.weights.reader import LayerFile, direct_read_nbytes
@@ -60,11 +62,23 @@ class Executor:
                 self._born.setdefault(buf.first_step, []).append(buf)
         self._pinned = [b for b in plan.buffers if b.role == "pinned"]
         self._pinned_loaded = False
-        # compiled when the plan was costed: running them compiles nothing
-        self._fns = compiled_units(manifest, dims, plan.units)
+        # compiled (and measured) when the plan was costed: running them compiles nothing
+        units = compiled_units(manifest, dims, plan.units)
+        self._fns = {name: fn for name, (_, fn) in units.items()}
+        for key, fn in {key: fn for key, fn in units.values()}.items():
+            warm_up(fn, key)  # kernels' one-time set-up belongs to the baseline, not a request
         self._rows = int(np.prod(plan.input_shape))  # ids a gathered table is read for
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
-        self.arena: Arena | None = Arena(plan.arena_bytes)
+        try:
+            self.arena: Arena | None = Arena(plan.arena_bytes)
+        except MemoryError:
+            raise MemoryBoundExceeded(
+                f"{plan.model_name}: cannot allocate the plan's {format_bytes(plan.arena_bytes)} "
+                "arena: the process's memory limit is below its baseline + the plan's peak; "
+                "raise the limit or lower model.arena_capacity_mb",
+                needed_bytes=plan.arena_bytes,
+                capacity_bytes=plan.capacity_bytes,
+            ) from None
         self._files: dict[str, LayerFile] = {}  # open weight files, by unit
         self._param_views: dict[int, dict[str, np.ndarray]] = {}  # by weights buffer
 
@@ -134,8 +148,17 @@ class Executor:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, x: np.ndarray, context: Mapping[str, np.ndarray]) -> Result:
-        """Execute the plan on ``x`` (already validated), returning output and report."""
+    def run(
+        self,
+        x: np.ndarray,
+        context: Mapping[str, np.ndarray],
+        after_run: Callable[[int, str], None] | None = None,
+    ) -> Result:
+        """Execute the plan on ``x`` (already validated), returning output and report.
+
+        ``after_run(step, unit)`` is called after each unit has run (the runtime's
+        memory guard); an error it raises ends the request like any other.
+        """
         if self.arena is None:
             raise EdgemindError("this executor has been closed; open a new Runtime")
         plan, arena = self.plan, self.arena
@@ -168,11 +191,20 @@ class Executor:
                     if step.weights in pending:
                         loads[step.layer] = pending.pop(step.weights).result()
                     compute[step.layer], output = self._run_step(step, ctx, acts)
+                    if after_run is not None:
+                        after_run(step.index, step.layer)
                 usage.append(arena.live_bytes)  # everything the step holds, before its frees
                 for bid in step.frees:  # pinned layers stay for the next request
                     if arena.is_live(bid) and plan.buffers[bid].role != "pinned":
                         arena.release(bid)
                 ends.append(time.perf_counter() - started)
+        except MemoryError:  # a Python-side allocation under a process limit
+            self._drain(pending)
+            self.close()
+            raise MemoryBoundExceeded(
+                f"{plan.model_name}: out of memory while running the request; the process's "
+                "memory limit is below its baseline + the plan's peak"
+            ) from None
         except BaseException:
             self._drain(pending)
             self.close()
@@ -230,8 +262,13 @@ class Executor:
         if step.weights is not None:
             params = self._params(self.plan.buffers[step.weights])
         start = time.perf_counter()
-        out = self._fns[spec.name](params, self._activation(step.input, acts), ctx)
-        out.block_until_ready()  # the views may be overwritten after this step
+        try:
+            out = self._fns[spec.name](params, self._activation(step.input, acts), ctx)
+            out.block_until_ready()  # the views may be overwritten after this step
+        except Exception as exc:
+            if not is_allocation_failure(exc):
+                raise
+            raise allocation_error(exc, step.index, spec.name) from None
         seconds = time.perf_counter() - start
         if step.output is None:
             return seconds, None
@@ -297,3 +334,28 @@ class Executor:
         self._files.clear()
         self._param_views.clear()
         self._pinned_loaded = False
+
+
+# What XLA's CPU runtime and its library kernels say when an allocation fails.
+_ALLOCATION_FAILURES = re.compile(
+    r"RESOURCE_EXHAUSTED|out of memory|YNNPACK operation failed|XNNPACK|oneDNN|bad_alloc",
+    re.IGNORECASE,
+)
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether an error raised by a compiled call is a failed allocation."""
+    return isinstance(exc, MemoryError) or bool(_ALLOCATION_FAILURES.search(str(exc)[:2000]))
+
+
+def allocation_error(exc: BaseException, step: int, unit: str) -> MemoryBoundExceeded:
+    """The one-line error for an allocation that failed while ``unit`` ran."""
+    found = re.search(r"allocating (\d+) bytes", str(exc))
+    nbytes = int(found.group(1)) if found else 0
+    what = f"allocating {format_bytes(nbytes)}" if nbytes else "allocating its working memory"
+    return MemoryBoundExceeded(
+        f"step {step}, {unit}: XLA ran out of memory {what} "
+        f"({type(exc).__name__}); the process's memory limit is below its baseline + the "
+        "plan's peak: raise the limit, or lower model.arena_capacity_mb",
+        needed_bytes=nbytes,
+    )

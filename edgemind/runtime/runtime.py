@@ -15,19 +15,29 @@ import dataclasses
 import math
 import os
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgemind.errors import InputError, MemoryQuotaExceeded, ModelFormatError, PlanError
+from edgemind.errors import (
+    InputError,
+    MemoryBoundExceeded,
+    MemoryBoundWarning,
+    MemoryQuotaExceeded,
+    ModelFormatError,
+    PlanError,
+)
 from edgemind.layers.cost import cost_table
 from edgemind.planner import level_min_capacity, make_plan
 from edgemind.planner.plan import CostTable, Plan
 from edgemind.policy import Policy, load_policy
 from edgemind.runtime.executor import Executor
-from edgemind.runtime.memory import PeakRssMeter, limit_malloc_arenas
+from edgemind.runtime.memory import BOUND_ALLOWANCE_BYTES, PeakRssMeter, configure_malloc
 from edgemind.runtime.report import Result
+from edgemind.runtime.workset import WorkingSetMeter
 from edgemind.units import MIB, format_bytes
 from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import InputSpec, Manifest, load_manifest
@@ -142,6 +152,7 @@ class Runtime:
         self.last_plan: Plan | None = None  # the plan of the latest request
         self._meter: PeakRssMeter | None = None
         self._lock = threading.Lock()
+        self.working_sets = WorkingSetMeter()  # measured once per signature, cached on disk
 
     @classmethod
     def open(
@@ -152,7 +163,7 @@ class Runtime:
     ) -> Runtime:
         """Open ``model_dir`` (validating its manifest) under a policy or policy file."""
         manifest = load_manifest(model_dir)
-        limit_malloc_arenas()  # predictable RSS: see runtime.memory
+        configure_malloc()  # RSS that follows what is live (see runtime.memory); before measuring
         if not isinstance(policy, Policy):
             policy = load_policy(policy, overrides=overrides)
         elif overrides:
@@ -169,7 +180,7 @@ class Runtime:
         """The per-unit cost table for a request shape (``batch=``, ``seq=``...)."""
         key = tuple(sorted(dims.items()))
         if key not in self._costs:
-            self._costs[key] = cost_table(self.manifest, dims)
+            self._costs[key] = cost_table(self.manifest, dims, measure=self.working_sets)
         return self._costs[key]
 
     def plan(self, **dims: int) -> Plan:
@@ -225,10 +236,38 @@ class Runtime:
         ctx = {spec.name: arr for spec, arr in zip(self.manifest.inputs[1:], context, strict=True)}
         assert self._meter is not None
         self._meter.reset_peak()
-        result = executor.run(x, ctx)
+        guard = None if self.policy.enforce == "off" else self._guard(plan)
+        result = executor.run(x, ctx, guard)
         observed = self._meter.peak_above_baseline()
         report = dataclasses.replace(result.report, observed_peak_bytes=observed)
         return Result(result.output, result.complete, result.exit_level, report)
+
+    def _guard(self, plan: Plan) -> Callable[[int, str], None]:
+        """After each unit: the request's memory growth so far against the plan's peak +
+        the allowance (growth within the request, so the host's own allocations between
+        requests are not counted; pinned layers read earlier are not counted either)."""
+        meter, bound = self._meter, plan.peak_bytes + BOUND_ALLOWANCE_BYTES
+        warned = False
+
+        def check(step: int, unit: str) -> None:
+            nonlocal warned
+            observed = meter.growth_in_stretch() if meter is not None else None
+            if observed is None or observed <= bound or warned:
+                return
+            message = (
+                f"step {step}, {unit}: observed {format_bytes(observed)} of model memory, "
+                f"above the plan's {format_bytes(plan.peak_bytes)} + the "
+                f"{format_bytes(BOUND_ALLOWANCE_BYTES)} allowance; please report it "
+                "(docs/design.md, 'What the bound covers')"
+            )
+            if self.policy.enforce == "fail":
+                raise MemoryBoundExceeded(
+                    message, needed_bytes=observed, capacity_bytes=plan.capacity_bytes
+                )
+            warned = True
+            warnings.warn(MemoryBoundWarning(message), stacklevel=2)
+
+        return check
 
     def _executor_for(self, plan: Plan, dims: dict[str, int]) -> Executor:
         current = self._executor
