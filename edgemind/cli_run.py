@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -17,6 +18,8 @@ from typing import Any
 
 from edgemind.errors import MemoryQuotaExceeded
 from edgemind.policy import Policy
+
+MAX_TEXT_FILE_BYTES = 64 << 20  # --text-file: far more text than one batch can hold
 
 
 def run_command(args: argparse.Namespace, policy: Policy, dims: dict[str, int]) -> bool:
@@ -146,11 +149,23 @@ def _texts(args: argparse.Namespace) -> list[str] | None:
         )
     texts = list(args.text or [])
     if args.text_file:
+        from edgemind.files import read_bounded
+
+        blob = read_bounded(
+            args.text_file,
+            MAX_TEXT_FILE_BYTES,
+            what="text file",
+            error=InputError,
+            where=f"--text-file {args.text_file}",
+        )
         try:
-            with open(args.text_file, encoding="utf-8") as f:
-                texts += [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"--text-file {args.text_file}: cannot read ({exc})") from None
+            lines = blob.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"--text-file {args.text_file}: not UTF-8 (byte 0x{blob[exc.start]:02x} at "
+                f"offset {exc.start}); save the texts as UTF-8"
+            ) from None
+        texts += [line for line in lines if line.strip()]
     return texts
 
 
@@ -190,39 +205,71 @@ def _array_request(args: argparse.Namespace, runtime: Any, dims: dict[str, int])
 def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> tuple:
     """The request's inputs: from a .npy (one input) or .npz (named inputs) file, or seeded
     random values of the planned shape (other inputs, such as a mask, all ones)."""
+    if path is None:
+        return _random_input(manifest, seed, dims)
+    return _file_input(manifest, path)
+
+
+def _random_input(manifest: Any, seed: int, dims: dict[str, int]) -> tuple:
     import numpy as np
 
     from edgemind.errors import InputError, ModelFormatError
+    from edgemind.units import format_bytes
 
-    if path is None:
-        rng = np.random.default_rng(seed)
-        arrays = []
-        for i, spec in enumerate(manifest.inputs):
-            try:
-                shape = spec.concrete_shape(dims)
-            except ModelFormatError as exc:
-                raise InputError(str(exc)) from None
-            if i:
-                arrays.append(np.ones(shape, spec.dtype))
-            elif np.dtype(spec.dtype).kind in "iu":
-                arrays.append(rng.integers(0, 100, size=shape).astype(spec.dtype))
-            else:
-                arrays.append(rng.standard_normal(shape).astype(spec.dtype))
-        return tuple(arrays)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    ram = physical_memory_bytes()
+    for i, spec in enumerate(manifest.inputs):
+        try:
+            shape = spec.concrete_shape(dims)
+        except ModelFormatError as exc:
+            raise InputError(str(exc)) from None
+        nbytes = math.prod(shape) * np.dtype(spec.dtype).itemsize
+        if ram and nbytes > ram:  # refused before NumPy tries (and the OOM killer acts)
+            raise InputError(
+                f"input {spec.name!r} of shape {shape} takes {format_bytes(nbytes)}, more than "
+                f"this machine's {format_bytes(ram)} of memory; lower --batch or --seq"
+            )
+        if i:
+            arrays.append(np.ones(shape, spec.dtype))
+        elif np.dtype(spec.dtype).kind in "iu":
+            arrays.append(rng.integers(0, 100, size=shape).astype(spec.dtype))
+        else:
+            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+    return tuple(arrays)
+
+
+def _file_input(manifest: Any, path: str) -> tuple:
     import zipfile
 
+    import numpy as np
+
+    from edgemind.errors import InputError
+    from edgemind.files import open_regular
+
+    names = [spec.name for spec in manifest.inputs]
     try:
-        with open(path, "rb") as f:  # ours to close, whatever np.load makes of it
+        with open_regular(path) as f:  # ours to close, whatever np.load makes of it
             loaded = np.load(f, allow_pickle=False)
             if isinstance(loaded, np.ndarray):
-                return (loaded,)
-            names = [spec.name for spec in manifest.inputs]
-            missing = [n for n in names if n not in loaded.files]
-            if missing:
-                raise InputError(f"--input {path}: missing arrays {missing}; expected {names}")
-            return tuple(loaded[n] for n in names)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"--input {path}: cannot read a .npy/.npz array ({exc})") from None
+                arrays: tuple = (loaded,)
+            else:
+                missing = [n for n in names if n not in loaded.files]
+                if missing:
+                    raise InputError(f"--input {path}: missing arrays {missing}; expected {names}")
+                arrays = tuple(loaded[n] for n in names)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:120]
+        raise InputError(f"--input {path}: cannot read a .npy/.npz array ({detail})") from None
+    except MemoryError:
+        raise InputError(f"--input {path}: the array does not fit in memory") from None
+    for name, array in zip(names, arrays, strict=False):
+        if array.size == 0:
+            raise InputError(
+                f"--input {path}: array {name!r} of shape {array.shape} is empty; give at least "
+                "one element along every dim"
+            )
+    return arrays
 
 
 def _save_output(path: str, array: Any) -> None:

@@ -61,21 +61,27 @@ def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
 
 
 def read_bounded(
-    path: str | os.PathLike[str], limit_bytes: int, *, what: str, error: type[EdgemindError]
+    path: str | os.PathLike[str],
+    limit_bytes: int,
+    *,
+    what: str,
+    error: type[EdgemindError],
+    where: str | None = None,
 ) -> bytes:
     """The bytes of regular file ``path``, refusing one longer than ``limit_bytes``.
 
     Raises ``error`` (an :class:`EdgemindError` subclass) with a one-line message that
-    names ``what`` the file is for.
+    starts with ``where`` (default: the path) and names ``what`` the file is for.
     """
+    path_text = str(path) if where is None else where
     try:
         with open_regular(path) as f:
             data = f.read(limit_bytes + 1) or b""
     except OSError as exc:
-        raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
+        raise error(f"{path_text}: cannot read {what} ({exc.strerror})") from None
     if len(data) > limit_bytes:
         raise error(
-            f"{path}: {what} is larger than the {format_bytes(limit_bytes)} edgemind reads; "
+            f"{path_text}: {what} is larger than the {format_bytes(limit_bytes)} edgemind reads; "
             "check that the path names the right file"
         )
     return data

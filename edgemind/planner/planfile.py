@@ -30,6 +30,7 @@ from edgemind.planner.verify import verify_plan
 
 PLAN_MAGIC = "edgemind-plan"
 PLAN_FORMAT_VERSION = 1
+MAX_PLAN_BYTES = 256 << 20  # a plan of 100,000 buffers is a few MiB
 _NESTED = {cls.__name__: cls for cls in (Buffer, Step, TensorSlot, Witness)}
 
 
@@ -74,11 +75,10 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read a plan file, check its header and rebuild and verify the plan."""
+    from edgemind.files import read_bounded
+
     source = str(path)
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as exc:
-        raise PlanError(f"{source}: cannot read plan file ({exc.strerror})") from None
+    blob = read_bounded(path, MAX_PLAN_BYTES, what="plan file", error=PlanError)
     try:
         data = msgpack.unpackb(blob, raw=False, strict_map_key=False)
     except Exception:  # msgpack raises several unrelated types on bad input
