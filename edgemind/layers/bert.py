@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgemind.errors import InputError
+from edgemind.layers.attention import BLOCK_ROWS, blocked_attention
 from edgemind.layers.registry import Context, LayerKind, Params, register
 
 EMBEDDING_TENSORS = (
@@ -143,35 +144,28 @@ def encoder_apply(
     eps: float = 1e-12,
     hidden: int = 0,
     intermediate: int = 0,
+    attention_block: int = BLOCK_ROWS,
 ) -> jax.Array:
     """One post-LN BERT block: (batch, seq, hidden) -> (batch, seq, hidden).
 
-    Attention runs one head at a time (``lax.map``): all heads' scores at once are
-    ``heads * seq**2`` floats, 3 MiB for MiniLM at 256 tokens, and they were the
-    largest XLA temporary. One head's scores cap that scratch at a twelfth, so the
-    256-token plan keeps its prefetch slot in 18 MiB; the numbers are unchanged.
+    Attention runs a head and ``attention_block`` query rows at a time
+    (:func:`edgemind.layers.attention.blocked_attention`), so its temporaries grow
+    linearly with the sequence; the numbers are those of whole-matrix attention.
     """
     del hidden, intermediate
     p = params
     batch, seq, width = x.shape
     head_dim = width // heads
 
-    def split(t: jax.Array) -> jax.Array:  # (batch, seq, width) -> (heads, batch, seq, head_dim)
-        return t.reshape(batch, seq, heads, head_dim).transpose(2, 0, 1, 3)
+    def split(t: jax.Array) -> jax.Array:  # (batch, seq, width) -> (batch, heads, seq, head_dim)
+        return t.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
 
     q = split(x @ p["q_weight"] + p["q_bias"])
     k = split(x @ p["k_weight"] + p["k_bias"])
     v = split(x @ p["v_weight"] + p["v_bias"])
-    keep = ctx["attention_mask"][:, None, :] > 0  # (batch, 1, seq): padded keys are hidden
-
-    def attend(qkv: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        qh, kh, vh = qkv  # (batch, seq, head_dim) each
-        scores = (qh @ kh.transpose(0, 2, 1)) / math.sqrt(head_dim)  # (batch, seq, seq)
-        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
-        return jax.nn.softmax(scores, axis=-1) @ vh
-
-    per_head = jax.lax.map(attend, (q, k, v))  # (heads, batch, seq, head_dim)
-    attended = per_head.transpose(1, 2, 0, 3).reshape(batch, seq, width)
+    keep = ctx["attention_mask"] > 0  # (batch, seq): padded keys are hidden
+    attended = blocked_attention(q, k, v, keep, block_rows=attention_block)
+    attended = attended.transpose(0, 2, 1, 3).reshape(batch, seq, width)
     h = _layer_norm(attended @ p["o_weight"] + p["o_bias"] + x, p["ln1_gamma"], p["ln1_beta"], eps)
     rows = h.reshape(batch * seq, width)  # 2-D matmuls: XLA's CPU plan needs less scratch
     ffn = jax.nn.gelu(rows @ p["ffn_in_weight"] + p["ffn_in_bias"], approximate=False)
@@ -229,7 +223,7 @@ def embeddings_reference(params: Params, x: Any, ctx: Context, **config: Any) ->
 
 def encoder_reference(
     params: Params, x: Any, ctx: Context, *, heads: int, eps: float = 1e-12, **_: Any
-) -> np.ndarray:
+) -> np.ndarray:  # attention_block changes how, not what: the reference ignores it
     """NumPy ``bert_encoder``: per-head loops, a max-shifted softmax over unmasked keys."""
     p = {name: _f64(a) for name, a in params.items()}
     h0 = _f64(x)
