@@ -34,6 +34,9 @@ _EXPORTS: dict[str, str] = {
     "ConversionError": "edgemind.errors",
     "MetricsError": "edgemind.errors",
     "MemoryQuotaExceeded": "edgemind.errors",
+    "MemoryBoundExceeded": "edgemind.errors",
+    "MemoryBoundWarning": "edgemind.errors",
+    "BOUND_ALLOWANCE_BYTES": "edgemind.runtime.memory",
     "Policy": "edgemind.policy",
     "load_policy": "edgemind.policy",
     "Manifest": "edgemind.weights.manifest",
@@ -80,6 +83,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ConversionError,
         EdgemindError,
         InputError,
+        MemoryBoundExceeded,
+        MemoryBoundWarning,
         MemoryQuotaExceeded,
         MetricsError,
         ModelFormatError,
@@ -92,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from edgemind.planner.schedule import make_plan
     from edgemind.planner.verify import verify_plan
     from edgemind.policy import Policy, load_policy
+    from edgemind.runtime.memory import BOUND_ALLOWANCE_BYTES
     from edgemind.runtime.reference import InMemoryModel
     from edgemind.runtime.report import LayerTiming, Result, RunReport
     from edgemind.runtime.runtime import Runtime, run_model

@@ -13,9 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from edgemind.errors import EdgemindError, MemoryQuotaExceeded, brief
+from edgemind.errors import EdgemindError, MemoryBoundExceeded, MemoryQuotaExceeded, brief
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_EARLY_EXIT, EXIT_INFEASIBLE = 0, 1, 2, 3, 4
+EXIT_OUT_OF_MEMORY = 5  # a running request broke the bound: an allocation failed, or the guard
 
 
 def _residency(text: str) -> int | str:
@@ -192,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
+    except MemoryBoundExceeded as exc:  # raised while running, not by the plan
+        print(f"edgemind: out of memory: {exc}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except MemoryQuotaExceeded as exc:
         print(f"edgemind: rejected: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE

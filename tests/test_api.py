@@ -18,6 +18,9 @@ EXPECTED = {
     "ConversionError",
     "MetricsError",
     "MemoryQuotaExceeded",
+    "MemoryBoundExceeded",
+    "MemoryBoundWarning",
+    "BOUND_ALLOWANCE_BYTES",
     "Policy",
     "load_policy",
     "Manifest",
@@ -54,7 +57,7 @@ def test_every_public_name_resolves():
 def test_errors_share_one_root():
     for name in EXPECTED:
         obj = getattr(edgemind, name)
-        if isinstance(obj, type) and issubclass(obj, Exception):
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning):
             assert issubclass(obj, edgemind.EdgemindError)
 
 

@@ -29,6 +29,7 @@ from edgemind.layers.cost import (
 )
 from edgemind.planner.plan import Buffer, Plan
 from edgemind.runtime.arena import Arena
+from edgemind.runtime.memory import SETTLE_SLACK_BYTES, sample_rss, settle_rss
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
 from edgemind.runtime.workset import warm_up
 from edgemind.units import align_up, format_bytes
@@ -190,7 +191,8 @@ class Executor:
                 if step.action == "run":
                     if step.weights in pending:
                         loads[step.layer] = pending.pop(step.weights).result()
-                    compute[step.layer], output = self._run_step(step, ctx, acts)
+                    loading = sum(plan.buffers[b].nbytes for b in pending)
+                    compute[step.layer], output = self._run_step(step, ctx, acts, loading)
                     if after_run is not None:
                         after_run(step.index, step.layer)
                 usage.append(arena.live_bytes)  # everything the step holds, before its frees
@@ -255,7 +257,20 @@ class Executor:
         dtype, shape = acts[bid]
         return self._view(self.plan.buffers[bid].offset_bytes or 0, dtype, shape)
 
-    def _run_step(self, step, ctx, acts) -> tuple[float, np.ndarray | None]:
+    def _run_step(self, step, ctx, acts, loading_bytes: int) -> tuple[float, np.ndarray | None]:
+        """Run one unit; wait until XLA has given back its working set (see
+        :func:`settle_rss`) so the next unit's never overlaps it. ``loading_bytes``: arena
+        bytes that background reads may touch meanwhile (first touches raise RSS)."""
+        before = sample_rss()
+        seconds, result = self._call_unit(step, ctx, acts)
+        if before is not None:
+            grows = loading_bytes + SETTLE_SLACK_BYTES
+            if step.output is not None:
+                grows += self.plan.buffers[step.output].nbytes
+            settle_rss(before.rss_bytes + grows)
+        return seconds, result
+
+    def _call_unit(self, step, ctx, acts) -> tuple[float, np.ndarray | None]:
         assert step.input is not None
         spec = self._specs[step.layer]
         params = {}

@@ -32,11 +32,17 @@ import jax
 import numpy as np
 
 from edgemind.layers.cost import Signature, UnitKey
-from edgemind.runtime.memory import MMAP_THRESHOLD_BYTES, reset_peak_rss, sample_rss
+from edgemind.runtime.memory import (
+    MMAP_THRESHOLD_BYTES,
+    SETTLE_SLACK_BYTES,
+    reset_peak_rss,
+    sample_rss,
+    settle_rss,
+)
 from edgemind.units import align_up
 from edgemind.xla_env import synchronous_dispatch
 
-METHOD = "rss-hwm-v1"  # bump when the way of measuring changes: old entries stop matching
+METHOD = "rss-hwm-v2"  # bump when the way of measuring changes: old entries stop matching
 REPEATS = 3
 ROUND_BYTES = 64 * 1024
 CACHE_FILE = "worksets-v1.json"
@@ -116,8 +122,11 @@ def measure(compiled: jax.stages.Compiled, key: UnitKey, repeats: int = REPEATS)
         out = compiled(params, x, ctx)
         out.block_until_ready()
         del out
+        if before is None:
+            return None
+        settle_rss(before.rss_bytes + SETTLE_SLACK_BYTES)  # XLA frees temporaries late
         after = sample_rss()
-        if before is None or after is None:
+        if after is None:
             return None
         worst = max(worst, after.hwm_bytes - before.rss_bytes)
     return align_up(worst, ROUND_BYTES)
