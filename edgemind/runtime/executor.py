@@ -82,6 +82,7 @@ class Executor:
             ) from None
         self._files: dict[str, LayerFile] = {}  # open weight files, by unit
         self._param_views: dict[int, dict[str, np.ndarray]] = {}  # by weights buffer
+        self._touched: set[int] = set()  # buffers a finished request wrote: pages resident
 
     # ------------------------------------------------------------------ loading
 
@@ -191,7 +192,8 @@ class Executor:
                 if step.action == "run":
                     if step.weights in pending:
                         loads[step.layer] = pending.pop(step.weights).result()
-                    loading = sum(plan.buffers[b].nbytes for b in pending)
+                    # reads into slots a past request filled touch no new pages
+                    loading = sum(plan.buffers[b].nbytes for b in pending if b not in self._touched)
                     compute[step.layer], output = self._run_step(step, ctx, acts, loading)
                     if after_run is not None:
                         after_run(step.index, step.layer)
@@ -211,6 +213,7 @@ class Executor:
             self._drain(pending)
             self.close()
             raise
+        self._touched.update(b.id for b in plan.buffers if b.offset_bytes is not None)
         timings = tuple(
             LayerTiming(
                 u, loads.get(u, (0.0, 0))[0], compute.get(u, 0.0), loads.get(u, (0.0, 0))[1]
@@ -265,7 +268,7 @@ class Executor:
         seconds, result = self._call_unit(step, ctx, acts)
         if before is not None:
             grows = loading_bytes + SETTLE_SLACK_BYTES
-            if step.output is not None:
+            if step.output is not None and step.output not in self._touched:
                 grows += self.plan.buffers[step.output].nbytes
             settle_rss(before.rss_bytes + grows)
         return seconds, result
