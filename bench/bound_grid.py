@@ -131,13 +131,14 @@ def summary(rows: Sequence[dict[str, Any]], allowance: int) -> tuple[str, str]:
     worst = sorted(done, key=lambda r: r["observed_peak_bytes"] - r["plan_peak_bytes"])[-8:]
     headers = ("model", "batch", "seq", "keep", "prefetch", "read", "capacity", "planned MiB",
                "observed MiB", "excess MiB", "target")  # fmt: skip
-    body = [
-        [r["model"], r["batch"], r["seq"] or "-", r["keep"], r["prefetch"], r["read_mode"],
-         f"{r['capacity']} ({mib(r['capacity_bytes'])})", mib(r["plan_peak_bytes"]),
-         mib(r["observed_peak_bytes"]), f"{(r['observed_peak_bytes'] - r['plan_peak_bytes']) / MIB:+.2f}",
-         verdict(r["observed_peak_bytes"] <= r["plan_peak_bytes"] + allowance)]
-        for r in reversed(worst)
-    ]  # fmt: skip
+    body = []
+    for r in reversed(worst):
+        over = r["observed_peak_bytes"] - r["plan_peak_bytes"]
+        body.append(
+            [r["model"], r["batch"], r["seq"] or "-", r["keep"], r["prefetch"], r["read_mode"],
+             f"{r['capacity']} ({mib(r['capacity_bytes'])})", mib(r["plan_peak_bytes"]),
+             mib(r["observed_peak_bytes"]), f"{over / MIB:+.2f}", verdict(over <= allowance)]
+        )  # fmt: skip
     line = (
         f"{len(done)} cases ran ({failed} children failed), {len(over)} above plan + "
         f"{allowance / MIB:.0f} MiB; worst observed/planned {ratio:.3f}, worst excess "
