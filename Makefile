@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= models/toy
 
-.PHONY: demo test lint bench bench-quick stress minilm clean
+.PHONY: demo test lint fuzz bench bench-quick stress minilm clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The long fuzz profile (tests/test_fuzz.py, 100x the suite's cases, random): the
+# statistics say how many cases each target ran.
+fuzz: $(STAMP)
+	EDGEMIND_FUZZ=long $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

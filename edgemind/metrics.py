@@ -63,7 +63,7 @@ class RunMetrics:
 
     def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
         if not isinstance(model_name, str) or not model_name:
-            raise MetricsError(f"metrics: expected a model name, got {model_name!r}")
+            raise MetricsError(f"metrics: expected a model name, got {brief(model_name)}")
         self.registry = registry
         self.model_name = model_name
         try:
@@ -199,9 +199,9 @@ class RunMetrics:
 
 
 def _check_report(report: RunReport, model_name: str) -> None:
-    where = f"metrics for model {model_name!r}"
+    where = f"metrics for model {brief(model_name)}"
     if report.model_name != model_name:
-        raise MetricsError(f"{where}: got a report of model {report.model_name!r}")
+        raise MetricsError(f"{where}: got a report of model {brief(report.model_name)}")
     if report.outcome not in OUTCOMES:
         raise MetricsError(f"{where}: unknown outcome {report.outcome!r}; expected {OUTCOMES}")
     if report.bytes_read < 0 or report.latency_s < 0:
@@ -237,7 +237,7 @@ def parse_http_addr(text: str) -> tuple[str, int]:
     if not sep:
         raise bad("no port")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise bad(f"port {port_text!r} is not a number from 0 to 65535")
+        raise bad(f"port {brief(port_text, 20)} is not a number from 0 to 65535")
     if host.startswith("[") and host.endswith("]"):
         try:
             host = str(ipaddress.IPv6Address(host[1:-1]))

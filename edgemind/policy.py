@@ -210,8 +210,9 @@ def _parse_yaml(blob: bytes, source: str) -> Any:
             f"{source}: not UTF-8 (byte 0x{blob[exc.start]:02x} at offset {exc.start}); save "
             "the policy as UTF-8"
         ) from None
-    loader = _PolicyLoader(text)
+    loader = None
     try:
+        loader = _PolicyLoader(text)  # checks the characters: a NUL is a YAMLError
         return loader.get_single_data()
     except PolicyError as exc:
         raise PolicyError(f"{source}: {exc}") from None
@@ -222,12 +223,13 @@ def _parse_yaml(blob: bytes, source: str) -> Any:
     except (RecursionError, ValueError, OverflowError) as exc:  # a 5,000-digit int...
         raise PolicyError(f"{source}: cannot read the YAML ({str(exc)[:80]})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _name(key: object) -> str:
     """A YAML key as written, cut short (keys can be any YAML value)."""
-    return key[:40] if isinstance(key, str) else brief(key, 40)
+    return key[:40] if isinstance(key, str) and key.isprintable() else brief(key, 40)
 
 
 def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import re
 
+from edgemind.errors import brief
+
 MIB = 1 << 20
 KIB = 1 << 10
 GIB = 1 << 30
@@ -35,11 +37,13 @@ def align_up(nbytes: int, alignment: int) -> int:
 def mib_to_bytes(mib: float) -> int:
     """Convert a capacity in MiB (decimals allowed) to whole bytes, rounding down."""
     if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not math.isfinite(mib):
-        raise ValueError(f"expected a number of MiB, got {mib!r}")
+        raise ValueError(f"expected a number of MiB, got {brief(mib)}")
     if mib <= 0:
-        raise ValueError(f"expected a positive number of MiB, got {mib!r}")
+        raise ValueError(f"expected a positive number of MiB, got {brief(mib)}")
     if mib > MAX_CAPACITY_BYTES // MIB:
-        raise ValueError(f"expected at most {MAX_CAPACITY_BYTES // MIB} MiB (1 PiB), got {mib!r}")
+        raise ValueError(
+            f"expected at most {MAX_CAPACITY_BYTES // MIB} MiB (1 PiB), got {brief(mib)}"
+        )
     return int(mib * MIB)
 
 
@@ -54,13 +58,13 @@ def parse_size(text: str, default_unit: str = "MiB") -> int:
     match = _SIZE_RE.match(str(text))
     unit = (match.group(2) if match else "") or default_unit
     if match is None or unit.lower() not in _UNITS:
-        raise ValueError(f"expected a size such as 50, 50MB or 1.5GiB, got {text!r}")
+        raise ValueError(f"expected a size such as 50, 50MB or 1.5GiB, got {brief(text)}")
     value = float(match.group(1)) * _UNITS[unit.lower()]
     if not value <= MAX_CAPACITY_BYTES:  # also inf
-        raise ValueError(f"expected a size of at most 1 PiB, got {text!r}")
+        raise ValueError(f"expected a size of at most 1 PiB, got {brief(text)}")
     nbytes = int(value)
     if nbytes <= 0:
-        raise ValueError(f"expected a positive size, got {text!r}")
+        raise ValueError(f"expected a positive size, got {brief(text)}")
     return nbytes
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import msgpack
 
-from edgemind.errors import PlanError
+from edgemind.errors import PlanError, brief
 from edgemind.planner.plan import Buffer, Plan, Step, TensorSlot, Witness
 from edgemind.planner.verify import verify_plan
 
@@ -87,16 +87,16 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         ) from None
     if not isinstance(data, dict) or data.get("magic") != PLAN_MAGIC:
         found = data.get("magic") if isinstance(data, dict) else type(data).__name__
-        raise PlanError(f"{source}: expected magic {PLAN_MAGIC!r}, found {found!r}")
+        raise PlanError(f"{source}: expected magic {brief(PLAN_MAGIC)}, found {brief(found)}")
     if data.get("format_version") != PLAN_FORMAT_VERSION:
         raise PlanError(
-            f"{source}: plan format version {data.get('format_version')!r}, this edgemind "
+            f"{source}: plan format version {brief(data.get('format_version'))}, this edgemind "
             f"reads version {PLAN_FORMAT_VERSION}; re-run `edgemind plan --out`"
         )
     plan = _build(Plan, data.get("plan"), f"{source}: plan")
     for key in ("manifest_digest", "policy_digest"):
         if data.get(key) != getattr(plan, key):
-            raise PlanError(f"{source}: header {key} {data.get(key)!r} != the plan's")
+            raise PlanError(f"{source}: header {key} {brief(data.get(key))} != the plan's")
     problems = verify_plan(plan)
     if problems:
         raise PlanError(f"{source}: plan fails verification: {'; '.join(problems[:5])}")
@@ -143,7 +143,7 @@ def _build(cls: type, data: object, where: str) -> Any:
         if name in data:
             values[name] = _value(hints[name], data[name], f"{where}.{name}")
         elif field.default is dataclasses.MISSING:
-            raise PlanError(f"{where}: missing field {name!r}")
+            raise PlanError(f"{where}: missing field {brief(name)}")
     return cls(**values)
 
 
@@ -156,10 +156,10 @@ def _value(hint: Any, value: object, where: str) -> Any:
                 return _value(option, value, where)
             except PlanError:
                 continue
-        raise PlanError(f"{where}: unexpected value {value!r}")
+        raise PlanError(f"{where}: unexpected value {brief(value)}")
     if origin is Literal:
         if value not in args:
-            raise PlanError(f"{where}: expected one of {args}, found {value!r}")
+            raise PlanError(f"{where}: expected one of {args}, found {brief(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -172,12 +172,12 @@ def _value(hint: Any, value: object, where: str) -> Any:
         return tuple(_value(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
     if hint is type(None):
         if value is not None:
-            raise PlanError(f"{where}: expected nil, found {value!r}")
+            raise PlanError(f"{where}: expected nil, found {brief(value)}")
         return None
     if isinstance(hint, type) and hint.__name__ in _NESTED:
         return _build(_NESTED[hint.__name__], value, where)
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise PlanError(f"{where}: expected an integer, found {value!r}")
+        raise PlanError(f"{where}: expected an integer, found {brief(value)}")
     if hint in (str, bool) and not isinstance(value, hint):
-        raise PlanError(f"{where}: expected {hint.__name__}, found {value!r}")
+        raise PlanError(f"{where}: expected {hint.__name__}, found {brief(value)}")
     return value

@@ -46,7 +46,7 @@ def numpy_dtype(dtype: str) -> np.dtype[Any]:
     2
     """
     if dtype not in DTYPES:
-        raise ModelFormatError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+        raise ModelFormatError(f"unknown dtype {brief(dtype)}; expected one of {DTYPES}")
     if dtype == "bfloat16":
         import ml_dtypes  # only needed for bfloat16; keeps plain imports light
 
@@ -62,7 +62,7 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
     """
     name = np.dtype(dtype).name
     if name not in DTYPES:
-        raise ModelFormatError(f"dtype {name!r} cannot be stored; expected one of {DTYPES}")
+        raise ModelFormatError(f"dtype {brief(name)} cannot be stored; expected one of {DTYPES}")
     return name
 
 
@@ -127,7 +127,9 @@ class WeightFileHeader:
         for t in self.tensors:
             if t.name == name:
                 return t
-        raise ModelFormatError(f"weight file of layer {self.layer!r} has no tensor {name!r}")
+        raise ModelFormatError(
+            f"weight file of layer {brief(self.layer)} has no tensor {brief(name)}"
+        )
 
 
 def pack_header(layer: str, alignment_bytes: int, tensors: Sequence[TensorSpec]) -> bytes:
@@ -166,7 +168,8 @@ def plan_layout(
             nbytes = math.prod(shape) * dtype_itemsize(dtype)
             if nbytes > MAX_PAYLOAD_BYTES:
                 raise ModelFormatError(
-                    f"layer {layer!r}, tensor {name!r}: {nbytes} bytes exceed one msgpack "
+                    f"layer {brief(layer)}, tensor {brief(name)}: {nbytes} bytes exceed one "
+                    "msgpack "
                     f"bin32 object ({MAX_PAYLOAD_BYTES} bytes); split the tensor"
                 )
             offset = payload_offset(end, alignment_bytes)
@@ -185,7 +188,7 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ModelFormatError(
-            f"{where}: header field {key!r} is {brief(value)}, expected a {kind.__name__}"
+            f"{where}: header field {brief(key)} is {brief(value)}, expected a {kind.__name__}"
         )
     return value
 
@@ -196,7 +199,7 @@ def _tensor_from_obj(obj: Any, where: str, alignment: int, prev_end: int) -> Ten
     spec = parse_tensor_entry(obj, where, alignment)
     if spec.offset_bytes < prev_end + BIN32_HEADER_BYTES:
         raise ModelFormatError(
-            f"{where}, tensor {spec.name!r}: payload offset {spec.offset_bytes} must be at "
+            f"{where}, tensor {brief(spec.name)}: payload offset {spec.offset_bytes} must be at "
             f"least {prev_end + BIN32_HEADER_BYTES} (after the previous object and a bin32 "
             "header)"
         )
@@ -209,7 +212,7 @@ def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeade
     if magic != WEIGHTS_MAGIC:
         raise ModelFormatError(
             f"{where}: not an edgemind weight file: magic is {brief(magic)}, expected "
-            f"{WEIGHTS_MAGIC!r}; convert the model again"
+            f"{brief(WEIGHTS_MAGIC)}; convert the model again"
         )
     version = obj.get("format_version")
     if version != WEIGHTS_FORMAT_VERSION:
@@ -219,7 +222,7 @@ def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeade
         )
     layer = _field(obj, "layer", str, where)
     alignment = check_alignment(_field(obj, "alignment_bytes", int, where), where)
-    where = f"{where}: layer {layer!r}"
+    where = f"{where}: layer {brief(layer)}"
     tensors: list[TensorSpec] = []
     end = header_nbytes
     for entry in _field(obj, "tensors", list, where):
@@ -237,14 +240,15 @@ def check_header_matches(header: WeightFileHeader, expected: LayerSpec, where: s
     hint = "the file and manifest.json come from different conversions; convert the model again"
     if header.layer != expected.name:
         raise ModelFormatError(
-            f"{where}: header names layer {header.layer!r}, manifest expects {expected.name!r}; "
+            f"{where}: header names layer {brief(header.layer)}, manifest expects "
+            f"{brief(expected.name)}; "
             f"{hint}"
         )
     found = [t.name for t in header.tensors]
     wanted = [t.name for t in expected.tensors]
     if found != wanted:
         raise ModelFormatError(
-            f"{where}: layer {expected.name!r} file holds tensors {found}, manifest expects "
+            f"{where}: layer {brief(expected.name)} file holds tensors {found}, manifest expects "
             f"{wanted}; {hint}"
         )
     for got, want in zip(header.tensors, expected.tensors, strict=True):
@@ -252,6 +256,6 @@ def check_header_matches(header: WeightFileHeader, expected: LayerSpec, where: s
             a, b = getattr(got, field), getattr(want, field)
             if a != b:
                 raise ModelFormatError(
-                    f"{where}: layer {expected.name!r}, tensor {got.name!r}: header has "
-                    f"{field} {a!r}, manifest expects {b!r}; {hint}"
+                    f"{where}: layer {brief(expected.name)}, tensor {brief(got.name)}: header has "
+                    f"{field} {brief(a)}, manifest expects {brief(b)}; {hint}"
                 )

@@ -85,7 +85,7 @@ class LayerSpec:
         for t in self.tensors:
             if t.name == name:
                 return t
-        raise ModelFormatError(f"layer {self.name!r} has no tensor {name!r}")
+        raise ModelFormatError(f"layer {brief(self.name)} has no tensor {brief(name)}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -123,7 +123,8 @@ class InputSpec:
             if isinstance(d, str):
                 if d not in dims:
                     raise ModelFormatError(
-                        f"input {self.name!r} has dynamic dim {d!r}; give its size (e.g. --{d})"
+                        f"input {brief(self.name)} has dynamic dim {brief(d)}; give its size "
+                        f"(e.g. --{d})"
                     )
                 shape.append(int(dims[d]))
             else:
@@ -131,7 +132,7 @@ class InputSpec:
         nbytes = math.prod(shape) * dtype_itemsize(self.dtype)
         if nbytes > MAX_ARRAY_BYTES:
             raise InputError(
-                f"input {self.name!r} of shape {brief(tuple(shape))} {self.dtype} would take "
+                f"input {brief(self.name)} of shape {brief(tuple(shape))} {self.dtype} would take "
                 f"{format_bytes(nbytes)}, more than the {format_bytes(MAX_ARRAY_BYTES)} edgemind "
                 "accepts for one array; lower the batch or sequence size"
             )
@@ -197,7 +198,7 @@ def _req(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where:
         raise ModelFormatError(f"{where}: missing field {brief(key)}")
     value = obj[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ModelFormatError(f"{where}: field {key!r} has the wrong type ({brief(value)})")
+        raise ModelFormatError(f"{where}: field {brief(key)} has the wrong type ({brief(value)})")
     return value
 
 
@@ -271,7 +272,7 @@ def resolve_inside(model_dir: str | os.PathLike[str], file: str, where: str) -> 
 def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
     """Validate one tensor entry (manifest or weight-file header) into a TensorSpec."""
     name = _req(obj, "name", str, where)
-    where = f"{where}, tensor {name!r}"
+    where = f"{where}, tensor {brief(name)}"
     dtype = _req(obj, "dtype", str, where)
     if dtype not in DTYPES:
         raise ModelFormatError(f"{where}: unknown dtype {brief(dtype)}; expected one of {DTYPES}")
@@ -309,7 +310,7 @@ def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
 
 def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
     name = _req(obj, "name", str, where)
-    where = f"{where} {name!r}"
+    where = f"{where} {brief(name)}"
     kind = _req(obj, "kind", str, where)
     config = _req(obj, "config", dict, where)
     file = check_relative_path(_req(obj, "file", str, where), where)
@@ -379,11 +380,11 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
         raise ModelFormatError(f"{where}: expected a JSON object")
     fmt = data.get("format")
     if fmt != MODEL_FORMAT:
-        raise ModelFormatError(f"{where}: format is {fmt!r}, expected {MODEL_FORMAT!r}")
+        raise ModelFormatError(f"{where}: format is {brief(fmt)}, expected {brief(MODEL_FORMAT)}")
     version = data.get("format_version")
     if version != MODEL_FORMAT_VERSION:
         raise ModelFormatError(
-            f"{where}: format_version is {version!r}, this edgemind reads version "
+            f"{where}: format_version is {brief(version)}, this edgemind reads version "
             f"{MODEL_FORMAT_VERSION}; convert the model again or upgrade edgemind"
         )
     check_depth(data, where)

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgemind.errors import ChecksumError, ModelFormatError
+from edgemind.errors import ChecksumError, ModelFormatError, brief
 from edgemind.files import open_regular
 from edgemind.units import DIRECT_IO_BLOCK
 from edgemind.weights.format import (
@@ -73,7 +73,7 @@ def _layer_path(model_dir: str | os.PathLike[str], layer: LayerSpec) -> tuple[Pa
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelFormatError(f"{model_dir}: model directory not found")
-    path = resolve_inside(root, layer.file, f"layer {layer.name!r}")
+    path = resolve_inside(root, layer.file, f"layer {brief(layer.name)}")
     return path, str(root / layer.file)
 
 
@@ -162,7 +162,8 @@ def _check_extent(f: io.FileIO, header: WeightFileHeader, where: str, check_obje
         _check_extent_io(f, header, where, check_objects)
     except OSError as exc:
         raise ModelFormatError(
-            f"{where}: layer {header.layer!r}: cannot read the file ({exc.strerror}); check the "
+            f"{where}: layer {brief(header.layer)}: cannot read the file ({exc.strerror}); check "
+            "the "
             "disk, then copy or convert the model again"
         ) from None
 
@@ -174,7 +175,8 @@ def _check_extent_io(
     for t in header.tensors:
         if t.offset_bytes + t.nbytes > size:
             raise ModelFormatError(
-                f"{where}: layer {header.layer!r}, tensor {t.name!r}: payload needs bytes "
+                f"{where}: layer {brief(header.layer)}, tensor {brief(t.name)}: payload needs "
+                "bytes "
                 f"{t.offset_bytes}..{t.offset_bytes + t.nbytes}, file has {size} (truncated); "
                 f"copy or convert the model again"
             )
@@ -182,13 +184,14 @@ def _check_extent_io(
             found = os.pread(f.fileno(), BIN32_HEADER_BYTES, t.offset_bytes - BIN32_HEADER_BYTES)
             if found != bin32_header(t.nbytes):
                 raise ModelFormatError(
-                    f"{where}: layer {header.layer!r}, tensor {t.name!r}: bytes before the "
+                    f"{where}: layer {brief(header.layer)}, tensor {brief(t.name)}: bytes before "
+                    "the "
                     f"payload are {found.hex()}, expected bin32 header "
                     f"{bin32_header(t.nbytes).hex()}"
                 )
     if size != header.file_nbytes:
         raise ModelFormatError(
-            f"{where}: layer {header.layer!r}: file has {size} bytes, its header describes "
+            f"{where}: layer {brief(header.layer)}: file has {size} bytes, its header describes "
             f"{header.file_nbytes}; copy or convert the model again"
         )
 
@@ -202,7 +205,7 @@ def _open_layer(
         f = open_regular(path)
     except OSError as exc:
         raise ModelFormatError(
-            f"{where}: cannot open weight file of layer {layer.name!r} ({exc.strerror})"
+            f"{where}: cannot open weight file of layer {brief(layer.name)} ({exc.strerror})"
         ) from None
     with f:
         _read_header(f, where, layer, check_objects=check_objects)
@@ -253,7 +256,8 @@ def _check_crc(view: memoryview, spec: TensorSpec, where: str, layer: LayerSpec)
     found = f"{zlib.crc32(view):08x}"
     if found != spec.crc32:
         raise ChecksumError(
-            f"{where}: layer {layer.name!r}, tensor {spec.name!r}: crc32 is {found}, expected "
+            f"{where}: layer {brief(layer.name)}, tensor {brief(spec.name)}: crc32 is {found}, "
+            "expected "
             f"{spec.crc32}; the file is corrupted, copy or convert the model again"
         )
 
@@ -277,7 +281,8 @@ class LayerFile:
             self._file = open_regular(path)
         except OSError as exc:
             raise ModelFormatError(
-                f"{self.where}: cannot open weight file of layer {layer.name!r} ({exc.strerror})"
+                f"{self.where}: cannot open weight file of layer {brief(layer.name)} "
+                f"({exc.strerror})"
             ) from None
         self._direct_fd: int | None = None
         try:
@@ -307,7 +312,7 @@ class LayerFile:
         specs = [(self.layer.tensor(name), dest) for name, dest in dests.items()]
         total = 0
         for spec, dest in specs:
-            what = f"{self.where}: layer {self.layer.name!r}, tensor {spec.name!r}"
+            what = f"{self.where}: layer {brief(self.layer.name)}, tensor {brief(spec.name)}"
             if self._direct_fd is not None:
                 view = _direct_view(dest, spec, what)
                 total += _pread_direct(self._direct_fd, view, spec, what)
@@ -324,7 +329,7 @@ class LayerFile:
     ) -> int:
         """Rows of a 2-D tensor into consecutive rows of ``dest`` (see :func:`read_rows_into`)."""
         spec = self.layer.tensor(tensor_name)
-        what = f"{self.where}: layer {self.layer.name!r}, tensor {tensor_name!r}"
+        what = f"{self.where}: layer {brief(self.layer.name)}, tensor {brief(tensor_name)}"
         if len(spec.shape) != 2:
             raise ModelFormatError(
                 f"{what}: row reads need a 2-D tensor, shape is {list(spec.shape)}"
@@ -348,7 +353,7 @@ class LayerFile:
     def _check_unchanged(self) -> None:
         if _identity(self._file.fileno()) != self._identity:
             raise ModelFormatError(
-                f"{self.where}: layer {self.layer.name!r}: the file changed since it was "
+                f"{self.where}: layer {brief(self.layer.name)}: the file changed since it was "
                 "opened; reopen the model (and plan again)"
             )
 
@@ -514,7 +519,8 @@ def verify_model(model_dir: str | os.PathLike[str], manifest: Manifest | None = 
                         crc = zlib.crc32(part, crc)
                     if f"{crc:08x}" != spec.crc32:
                         problems.append(
-                            f"{where}: layer {layer.name!r}, tensor {spec.name!r}: crc32 is "
+                            f"{where}: layer {brief(layer.name)}, tensor {brief(spec.name)}: "
+                            "crc32 is "
                             f"{crc:08x}, expected {spec.crc32}; the file is corrupted"
                         )
         except ModelFormatError as exc:
