@@ -326,3 +326,38 @@ def test_a_weight_file_modified_between_requests_is_noticed(toy_model, tmp_path)
         victim.write_bytes(data + b"\0")  # same inode, new length and mtime
         with pytest.raises(ModelFormatError, match="changed since it was opened"):
             rt.run(x_of(1))
+
+
+def test_close_waits_for_a_running_request_then_refuses_more(toy_model, reference):
+    import threading
+    import time
+
+    from edgemind.errors import EdgemindError
+
+    rt = Runtime.open(toy_model)
+    rt.run(x_of(1))  # compiled and measured: the next request starts at once
+    started, results = threading.Event(), {}
+    real = rt._run
+
+    def slow_run(x, *context):
+        started.set()
+        time.sleep(0.2)  # close() arrives while this request runs
+        return real(x, *context)
+
+    rt._run = slow_run  # type: ignore[method-assign]
+    worker = threading.Thread(target=lambda: results.setdefault("out", rt.run(x_of(2)).output))
+    worker.start()
+    started.wait(5)
+    rt.close()  # waits for the request, then releases everything
+    worker.join()
+    np.testing.assert_array_equal(results["out"], reference.run(x_of(2)))
+    with pytest.raises(EdgemindError, match="closed; open a new one"):
+        rt.run(x_of(1))
+    rt.close()  # closing twice is harmless
+
+
+def test_release_keeps_a_runtime_usable(toy_model, reference):
+    with Runtime.open(toy_model, keep_resident_layers="auto") as rt:
+        first = rt.run(x_of(1)).output
+        rt.release()
+        np.testing.assert_array_equal(rt.run(x_of(1)).output, first)

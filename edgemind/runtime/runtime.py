@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgemind.errors import (
+    EdgemindError,
     InputError,
     MemoryBoundExceeded,
     MemoryBoundWarning,
@@ -152,6 +153,7 @@ class Runtime:
         self.last_plan: Plan | None = None  # the plan of the latest request
         self._meter: PeakRssMeter | None = None
         self._lock = threading.Lock()
+        self._closed = False
         self.working_sets = WorkingSetMeter()  # measured once per signature, cached on disk
 
     @classmethod
@@ -215,6 +217,11 @@ class Runtime:
         """Run one request. Raises :class:`MemoryQuotaExceeded` before reading any
         weight when the plan rejects it; returns partial output on an early exit."""
         with self._lock:  # one arena: requests on one runtime run one at a time
+            if self._closed:
+                raise EdgemindError(
+                    f"this runtime of {self.manifest.model_name} is closed; open a new one "
+                    "(Runtime.release() frees memory but keeps a runtime usable)"
+                )
             return self._run(x, *context)
 
     def _run(self, x: np.ndarray, *context: np.ndarray) -> Result:
@@ -273,7 +280,7 @@ class Runtime:
         current = self._executor
         if current is not None and current.plan is plan and current.arena is not None:
             return current
-        self.close()  # one arena at a time: the old one goes before the new one comes
+        self._release()  # one arena at a time: the old one goes before the new one comes
         self._executor = Executor(
             self.model_dir,
             self.manifest,
@@ -288,8 +295,20 @@ class Runtime:
         self._meter = PeakRssMeter()
         return self._executor
 
+    def release(self) -> None:
+        """Release the arena (and pinned layers) between requests; the runtime can still
+        plan and run (the next request allocates a new arena and reads pins again)."""
+        with self._lock:  # never under a running request
+            self._release()
+
     def close(self) -> None:
-        """Release the arena (and pinned layers); the runtime can still plan and run."""
+        """Release everything; waits for a request running in another thread to finish.
+        Later calls to :meth:`run` raise :class:`EdgemindError` ("closed")."""
+        with self._lock:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
         if self._executor is not None:
             self._executor.close()
             self._executor = None
