@@ -112,7 +112,7 @@ def machine() -> dict[str, str]:
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),
         "numpy": _version("numpy"),
-        "edgemind": _version("edgemind"),
+        "edgemind": _version("edgemind-runtime"),
     }
 
 

@@ -19,7 +19,7 @@ from edgemind.xla_env import apply_bound_settings
 apply_bound_settings()  # before JAX starts its backend: see edgemind/xla_env.py
 
 try:
-    __version__ = version("edgemind")
+    __version__ = version("edgemind-runtime")  # PyPI's "edgemind" is another project
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 

@@ -29,6 +29,7 @@ from edgemind.planner.plan import Buffer, Plan, Step, TensorSlot, Witness
 from edgemind.planner.verify import verify_plan
 
 PLAN_MAGIC = "edgemind-plan"
+DISTRIBUTION = "edgemind-runtime"  # the PyPI name: "edgemind" there is another project
 PLAN_FORMAT_VERSION = 1
 MAX_PLAN_BYTES = 256 << 20  # a plan of 100,000 buffers is a few MiB
 _NESTED = {cls.__name__: cls for cls in (Buffer, Step, TensorSlot, Witness)}
@@ -37,7 +38,7 @@ _NESTED = {cls.__name__: cls for cls in (Buffer, Step, TensorSlot, Witness)}
 def edgemind_version() -> str:
     """The installed edgemind version, or "0+unknown" when run from a bare checkout."""
     try:
-        return importlib.metadata.version("edgemind")
+        return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
 
