@@ -12,7 +12,7 @@ from edgemind.layers.attention import blocked_attention
 def reference(q, k, v, keep=None, causal=False):
     """Float64 softmax attention over whole matrices, per head (GQA by repetition)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    batch, heads, seq_q, d = q.shape
+    _, heads, seq_q, d = q.shape
     group = heads // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)  # (batch, heads, seq_q, seq_k)

@@ -1,34 +1,16 @@
-"""The toy model: its layer table, and the model directory examples/toy_model/build.py writes."""
+"""The toy model: its layer table, and the model directory edgemind/examples/toy.py writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from edgemind.examples import toy as build  # the builder ships in the package
 from edgemind.layers import cost_table
 from edgemind.units import MIB
 from edgemind.weights.manifest import Manifest, load_manifest
-
-BUILD_PY = Path(__file__).resolve().parents[1] / "examples" / "toy_model" / "build.py"
-
-
-def _load_build() -> ModuleType:
-    # By path: `examples` is not an installed package, and bare `pytest` does not put
-    # the repository root on sys.path.
-    spec = importlib.util.spec_from_file_location("toy_model_build", BUILD_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build()
 
 
 def _writer_available() -> bool:

@@ -154,7 +154,7 @@ def test_bad_specs_are_rejected(tmp_path: Path) -> None:
 
 def test_existing_directory_needs_overwrite(tmp_path: Path) -> None:
     _write(tmp_path / "m")
-    with pytest.raises(ModelFormatError, match=r"already exists.*overwrite=True"):
+    with pytest.raises(ModelFormatError, match=r"already exists.*--overwrite \(overwrite=True"):
         ModelWriter(tmp_path / "m", "toy", INPUTS)
     with ModelWriter(tmp_path / "m", "toy2", INPUTS, overwrite=True) as w:
         w.add_layer("only", "dense", {}, [("w", np.ones(3, np.float32))])

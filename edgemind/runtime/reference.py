@@ -23,7 +23,7 @@ class InMemoryModel:
     """A model held wholly in memory.
 
     >>> import tempfile
-    >>> from examples.toy_model.build import build_toy_model
+    >>> from edgemind.examples.toy import build_toy_model
     >>> model = InMemoryModel(build_toy_model(tempfile.mkdtemp() + "/toy"))
     >>> model.run(np.ones((2, 1024), np.float32)).shape
     (2, 10)

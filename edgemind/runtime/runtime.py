@@ -1,7 +1,7 @@
 """The user-facing runtime: open a model, plan a request shape, run NumPy inputs.
 
 >>> import tempfile, numpy as np
->>> from examples.toy_model.build import build_toy_model
+>>> from edgemind.examples.toy import build_toy_model
 >>> model = build_toy_model(tempfile.mkdtemp() + "/toy")
 >>> with Runtime.open(model) as rt:
 ...     result = rt.run(np.ones((1, 1024), np.float32))

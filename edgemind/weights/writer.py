@@ -212,8 +212,8 @@ class ModelWriter:
         if self.out_dir.exists() or self.out_dir.is_symlink():
             if not self.overwrite:
                 raise ModelFormatError(
-                    f"{self.out_dir}: already exists; choose another directory or pass "
-                    f"overwrite=True"
+                    f"{self.out_dir}: already exists; choose another directory, or replace it "
+                    "with --overwrite (overwrite=True in Python)"
                 )
             if not self.out_dir.is_dir():
                 raise ModelFormatError(f"{self.out_dir}: exists and is not a directory")
