@@ -42,7 +42,7 @@ from edgemind.runtime.memory import (
 from edgemind.units import align_up
 from edgemind.xla_env import synchronous_dispatch
 
-METHOD = "rss-hwm-v2"  # bump when the way of measuring changes: old entries stop matching
+METHOD = "rss-hwm-v3"  # bump when the way of measuring changes: old entries stop matching
 REPEATS = 3
 ROUND_BYTES = 64 * 1024
 CACHE_FILE = "worksets-v1.json"
@@ -113,8 +113,11 @@ def measure(compiled: jax.stages.Compiled, key: UnitKey, repeats: int = REPEATS)
     if sample_rss() is None or not reset_peak_rss():
         return None
     params, x, ctx = zero_args(key)
+    start = sample_rss()
     jax.block_until_ready(compiled(params, x, ctx))  # one-time kernel set-up is not per call
     _WARMED.add(key)
+    if start is not None:  # the warm-up's own late frees must not overlap the first measure
+        settle_rss(start.rss_bytes + SETTLE_SLACK_BYTES)
     worst = 0
     for _ in range(repeats):
         reset_peak_rss()
