@@ -12,12 +12,36 @@ from typing import Literal
 
 # Buffer roles. "working_set" buffers are allocated by XLA, not placed in the arena:
 # their offset is None, but they count against the capacity while alive.
-Role = Literal["weights", "prefetch", "pinned", "activation", "working_set"]
-ROLES: tuple[str, ...] = ("weights", "prefetch", "pinned", "activation", "working_set")
+# "accumulator": the output of a unit run in tiles, alive from its first tile to its reader.
+Role = Literal["weights", "prefetch", "pinned", "activation", "accumulator", "working_set"]
+ROLES: tuple[str, ...] = (
+    "weights",
+    "prefetch",
+    "pinned",
+    "activation",
+    "accumulator",
+    "working_set",
+)
+TileMode = Literal["accumulate", "concat"]
 Status = Literal["feasible", "early_exit", "infeasible"]
 # How working sets were obtained: XLA's memory_analysis() alone, or the larger of it and
 # the RSS growth of a measured call (edgemind.runtime.workset).
 WorkingSetSource = Literal["measured", "analysis"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a unit can run in tiles: row ranges of one tensor, one slot each, in turn.
+
+    ``accumulate``: each tile adds its rows' contribution to the output (a dense layer's
+    input rows); ``concat``: each tile writes its rows' part of the output (an LM head's
+    vocabulary rows). Rows are whole quantization blocks' worth of bytes.
+    """
+
+    tensor: str  # the tensor split by rows (its first axis)
+    rows: int
+    row_bytes: int
+    mode: TileMode = "accumulate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +55,7 @@ class UnitCost:
     working_set_bytes: int  # what XLA allocates for one call: outputs, temporaries, scratch
     pinnable: bool = True  # False when its weights depend on the request (gathered rows)
     working_set_source: WorkingSetSource = "analysis"
+    tiling: Tiling | None = None  # None: the unit's weights are loaded whole
 
     @property
     def weight_bytes(self) -> int:
@@ -56,6 +81,9 @@ class CostTable:
     layers: tuple[UnitCost, ...]
     exits: tuple[ExitCost, ...]
     context_bytes: int = 0  # the other inputs (an attention mask...), alive all request
+    # measured working sets of tiles: (unit name, rows per tile, bytes); a tile without an
+    # entry is costed at its unit's whole working set
+    tile_working_sets: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def num_levels(self) -> int:
@@ -69,6 +97,7 @@ class TensorSlot:
     name: str
     offset_bytes: int  # from the buffer's start, aligned
     nbytes: int
+    source_offset_bytes: int = 0  # where in the tensor's payload these bytes start (tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +133,7 @@ class Step:
     frees: tuple[int, ...]  # buffers whose life ends with this step
     arena_live_bytes: int  # arena bytes alive during the step
     working_set_bytes: int  # XLA bytes alive during the step
+    tile: tuple[int, int] | None = None  # (first row, end row) of the tiled tensor, for tiles
 
     @property
     def live_bytes(self) -> int:

@@ -57,7 +57,7 @@ live bytes, what is alive there, and ``missing_bytes = min_capacity - capacity``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from edgemind.errors import PlanError
 from edgemind.planner.allocator import GreedyBySize, NaiveSlots, Request, TwoSided
@@ -79,40 +79,62 @@ _WEIGHT_ROLES = ("weights", "prefetch", "pinned")
 _PIN_ROUNDS = 8  # re-measure the spare capacity this many times while pinning
 
 
-def weights_nbytes(unit: UnitCost, alignment: int) -> int:
-    """Bytes of a unit's weights buffer: each tensor in its own aligned slot."""
+Tiles = tuple[tuple[int, int], ...]  # row ranges of a tiled unit's tensor, in order
+
+
+def run_tensors(unit: UnitCost, tile: tuple[int, int] | None, last: bool) -> list[tuple]:
+    """(name, bytes, source offset) of what one run loads: the whole unit, or one tile's
+    rows of its tiled tensor (and, with the last tile, its other tensors)."""
+    if tile is None or unit.tiling is None:
+        return [(name, nbytes, 0) for name, nbytes in unit.tensors]
+    t = unit.tiling
+    part = [(t.tensor, (tile[1] - tile[0]) * t.row_bytes, tile[0] * t.row_bytes)]
+    rest = [(name, nbytes, 0) for name, nbytes in unit.tensors if name != t.tensor]
+    return part + (rest if last else [])
+
+
+def weights_nbytes(unit: UnitCost, alignment: int, tile=None, last: bool = True) -> int:
+    """Bytes of a run's weights buffer: each tensor (or tile) in its own aligned slot."""
     end = 0
-    for _, nbytes in unit.tensors:
+    for _, nbytes, _ in run_tensors(unit, tile, last):
         end = align_up(end, alignment) + nbytes
     return align_up(end, alignment)
 
 
-def tensor_slots(unit: UnitCost, alignment: int) -> tuple[TensorSlot, ...]:
-    """Where each of a unit's tensors lies inside its weights buffer."""
+def tensor_slots(
+    unit: UnitCost, alignment: int, tile: tuple[int, int] | None = None, last: bool = True
+) -> tuple[TensorSlot, ...]:
+    """Where each of a run's tensors (or tiles of one) lies inside its weights buffer."""
     slots = []
     end = 0
-    for name, nbytes in unit.tensors:
+    for name, nbytes, source in run_tensors(unit, tile, last):
         offset = align_up(end, alignment)
-        slots.append(TensorSlot(name, offset, nbytes))
+        slots.append(TensorSlot(name, offset, nbytes, source))
         end = offset + nbytes
     return tuple(slots)
 
 
 @dataclasses.dataclass
 class _Layout:
-    """The schedule of one chain at one depth with one pin set, as flat lists."""
+    """The schedule of one chain at one depth with one pin set, as flat lists.
+
+    A *run* is a unit's run, or one tile of a tiled unit: ``runs[r] = (unit, tile)``.
+    """
 
     units: Sequence[UnitCost]
     depth: int
     pinned: frozenset[int]
-    steps: list[tuple[str, int]]  # (action, unit index)
+    tiles: Mapping[int, Tiles]
+    runs: list[tuple[int, tuple[int, int] | None]]
+    steps: list[tuple[str, int]]  # (action, run index)
     role: list[Role]
     label: list[str]
     unit_of: list[int]  # the unit a buffer belongs to; -1 for the input and context
+    run_of: list[int]  # the run a weights buffer belongs to; -1 for others
     nbytes: list[int]
     first: list[int]
     last: list[int]
-    weights: list[int | None]  # per unit
+    weights: list[int | None]  # per run
     output: list[int | None]
     inputs: list[int | None]
     working: list[int | None]
@@ -130,14 +152,25 @@ class _Layout:
     def lower_bound_bytes(self) -> int:
         return max(a + w for a, w in zip(self.arena_live, self.ws_live, strict=True))
 
-    def add(self, role: Role, label: str, nbytes: int, first: int, last: int, unit: int) -> int:
+    def add(
+        self, role: Role, label: str, nbytes: int, first: int, last: int, unit: int, run: int = -1
+    ) -> int:
         self.role.append(role)
         self.label.append(label)
         self.nbytes.append(nbytes)
         self.first.append(first)
         self.last.append(last)
         self.unit_of.append(unit)
+        self.run_of.append(run)
         return len(self.role) - 1
+
+
+def _runs(units: Sequence[UnitCost], tiles: Mapping[int, Tiles]) -> list[tuple]:
+    return [
+        (k, tile)
+        for k in range(len(units))
+        for tile in tiles.get(k, (None,))  # type: ignore[arg-type]
+    ]
 
 
 def _layout(
@@ -147,48 +180,72 @@ def _layout(
     depth: int,
     pinned: frozenset[int],
     align: int,
+    tiles: Mapping[int, Tiles] | None = None,
+    tile_ws: Mapping[tuple[str, int], int] | None = None,
 ) -> _Layout:
-    n = len(units)
-    streamed = [u.weight_bytes > 0 and k not in pinned for k, u in enumerate(units)]
+    """Buffers and steps of a chain; ``tiles`` splits units into row ranges.
+
+    A tiled unit's input lives until its last tile, and its output (an accumulator) from
+    its first tile until the last run that reads it. ``tile_ws`` gives a tile's working
+    set by (unit, rows); a tile without one is costed at its unit's whole working set.
+    """
+    tiles, tile_ws = tiles or {}, tile_ws or {}
+    runs = _runs(units, tiles)
+    n = len(runs)
+    last_of = {k: r for r, (k, _) in enumerate(runs)}  # the last run of each unit
+    first_of = {k: r for r, (k, _) in reversed(list(enumerate(runs)))}
+    sizes = [
+        weights_nbytes(units[k], align, tile, last_of[k] == r) for r, (k, tile) in enumerate(runs)
+    ]
+    streamed = [sizes[r] > 0 and k not in pinned for r, (k, _) in enumerate(runs)]
     steps: list[tuple[str, int]] = []
     run_step = [0] * n
-    for k in range(n):
-        if streamed[k] and (depth == 0 or k == 0):
-            steps.append(("load", k))
-        run_step[k] = len(steps)
-        steps.append(("run", k))
+    for r in range(n):
+        if streamed[r] and (depth == 0 or r == 0):
+            steps.append(("load", r))
+        run_step[r] = len(steps)
+        steps.append(("run", r))
     end = len(steps) - 1
-    lay = _Layout(units, depth, pinned, steps, [], [], [], [], [], [], [], [], [], [])
+    lay = _Layout(
+        units, depth, pinned, tiles, runs, steps, [], [], [], [], [], [], [], [], [], [], []
+    )
     if context_bytes > 0:
         lay.add("activation", "context", align_up(context_bytes, align), 0, end, -1)
     pin_buffer = {
-        k: lay.add("pinned", units[k].name, weights_nbytes(units[k], align), 0, end, k)
+        k: lay.add("pinned", units[k].name, sizes[first_of[k]], 0, end, k, first_of[k])
         for k in sorted(pinned)
     }
     previous = None
     if input_bytes > 0:
-        previous = lay.add("activation", "input", align_up(input_bytes, align), 0, run_step[0], -1)
-    for k, unit in enumerate(units):
-        here = run_step[k]
+        first_reader = run_step[last_of[0]]
+        previous = lay.add("activation", "input", align_up(input_bytes, align), 0, first_reader, -1)
+    output = None
+    for r, (k, tile) in enumerate(runs):
+        unit, here = units[k], run_step[r]
         weights = pin_buffer.get(k)
-        if streamed[k]:
-            size = weights_nbytes(unit, align)
-            if depth == 0 or k == 0:
-                weights = lay.add("weights", unit.name, size, here - 1, here, k)
+        if streamed[r]:
+            label = unit.name
+            if depth == 0 or r == 0:
+                weights = lay.add("weights", label, sizes[r], here - 1, here, k, r)
             else:
-                start = run_step[max(0, k - depth)]
-                weights = lay.add("prefetch", unit.name, size, start, here, k)
+                start = run_step[max(0, r - depth)]
+                weights = lay.add("prefetch", label, sizes[r], start, here, k, r)
+        if r == first_of[k]:
+            output = None
+            if unit.output_bytes > 0:
+                # read by every run of the next unit; the last output lives to the end
+                dies = run_step[last_of[k + 1]] if k + 1 < len(units) else end
+                role: Role = "activation" if tile is None else "accumulator"
+                output = lay.add(role, unit.name, align_up(unit.output_bytes, align), here, dies, k)
         lay.weights.append(weights)
         lay.inputs.append(previous)
-        previous = None
-        if unit.output_bytes > 0:
-            dies = run_step[k + 1] if k + 1 < n else end
-            size = align_up(unit.output_bytes, align)
-            previous = lay.add("activation", unit.name, size, here, dies, k)
-        lay.output.append(previous)
-        ws = None
-        if unit.working_set_bytes > 0:
-            ws = lay.add("working_set", unit.name, unit.working_set_bytes, here, here, k)
+        lay.output.append(output)
+        if r == last_of[k]:
+            previous = output
+        ws_bytes = unit.working_set_bytes
+        if tile is not None:
+            ws_bytes = tile_ws.get((unit.name, tile[1] - tile[0]), ws_bytes)
+        ws = lay.add("working_set", unit.name, ws_bytes, here, here, k) if ws_bytes > 0 else None
         lay.working.append(ws)
     _place(lay)
     return lay
@@ -282,7 +339,14 @@ def make_plan(
     capacity = policy.arena_capacity_bytes
     notes: list[str] = []
 
-    def build(units: Sequence[UnitCost], depth: int, pinned: frozenset[int]) -> _Layout:
+    tile_ws = {(unit, rows): nbytes for unit, rows, nbytes in costs.tile_working_sets}
+
+    def build(
+        units: Sequence[UnitCost],
+        depth: int,
+        pinned: frozenset[int],
+        tiles: Mapping[int, Tiles] | None = None,
+    ) -> _Layout:
         return _layout(
             units,
             costs.input_bytes,
@@ -290,6 +354,8 @@ def make_plan(
             depth,
             pinned,
             policy.buffer_alignment_bytes,
+            tiles,
+            tile_ws,
         )
 
     complete = chain_units(costs, costs.num_levels)
@@ -298,6 +364,18 @@ def make_plan(
     min_capacity = min(lay.peak_bytes for lay in candidates)
     chosen = next((lay for lay in candidates if lay.peak_bytes <= capacity), None)
     deepest = candidates[0]  # the chosen chain at the depth asked for
+    if chosen is None and any(u.tiling is not None for u in complete):
+        # tiles: the largest that fit, at the deepest prefetch that fits with them
+        tiled = [
+            [build(complete, d, frozenset(), tiles) for d in range(top, -1, -1)]
+            for tiles in tile_ladder(complete)
+        ]
+        min_capacity = min(min_capacity, *(lay.peak_bytes for row in tiled for lay in row))
+        fits = [(lay, row[0]) for row in tiled for lay in row if lay.peak_bytes <= capacity]
+        if fits:
+            chosen, deepest = fits[0]
+            notes.append(_tiles_note(chosen))
+        candidates = min(tiled, key=lambda row: row[-1].peak_bytes)  # witness: finest
     status: Status = "feasible"
     level: int | None = costs.num_levels
     witness = None
@@ -336,7 +414,7 @@ def make_plan(
     )
 
 
-_Build = Callable[[Sequence[UnitCost], int, frozenset[int]], _Layout]
+_Build = Callable[..., _Layout]
 
 
 def _effective_depth(requested: int, num_units: int, notes: list[str] | None = None) -> int:
@@ -410,7 +488,11 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
     align = policy.buffer_alignment_bytes
     # A unit whose weights are the request's own rows (an embedding gather) cannot be
     # kept for the next request: it is read every time.
-    heavy = [k for k, unit in enumerate(units) if unit.weight_bytes > 0 and unit.pinnable]
+    heavy = [
+        k
+        for k, unit in enumerate(units)
+        if unit.weight_bytes > 0 and unit.pinnable and k not in lay.tiles  # tiles stream
+    ]
     asked = policy.keep_resident_layers
     limit = len(heavy) if asked == "auto" else min(asked - 1, len(heavy))
     if asked != "auto" and asked <= 1:
@@ -430,7 +512,7 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
                 slack -= size
         if not added:
             break
-        trial = build(units, lay.depth, frozenset(pinned + added))
+        trial = build(units, lay.depth, frozenset(pinned + added), lay.tiles)
         if trial.peak_bytes <= policy.arena_capacity_bytes:
             pinned, lay = pinned + added, trial
             continue
@@ -438,7 +520,7 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
         lo, hi = 0, len(added)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            trial = build(units, lay.depth, frozenset(pinned + added[:mid]))
+            trial = build(units, lay.depth, frozenset(pinned + added[:mid]), lay.tiles)
             if trial.peak_bytes <= policy.arena_capacity_bytes:
                 lo, lay = mid, trial
             else:
@@ -454,11 +536,57 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
     return lay
 
 
+MAX_TILES = 256  # tiles per unit at the finest: bounds the steps a plan can have
+
+
+def tile_ladder(units: Sequence[UnitCost]) -> list[dict[int, Tiles]]:
+    """Tilings to try, coarsest first: every tileable unit whose tiled tensor exceeds a
+    tile budget is split into equal row ranges (the last may be shorter); the budget
+    halves from half the largest tiled tensor down to :data:`MAX_TILES` tiles of it."""
+    tileable = {k: u.tiling for k, u in enumerate(units) if u.tiling is not None}
+    largest = max(t.rows * t.row_bytes for t in tileable.values())
+    ladder: list[dict[int, Tiles]] = []
+    budget = largest // 2
+    while True:
+        tiles: dict[int, Tiles] = {}
+        finest = True
+        for k, t in tileable.items():
+            floor = -(-t.rows // MAX_TILES)  # fewest rows per tile allowed
+            per = max(floor, budget // t.row_bytes if t.row_bytes else t.rows, 1)
+            finest = finest and per <= floor
+            if per < t.rows:
+                tiles[k] = tuple((s, min(s + per, t.rows)) for s in range(0, t.rows, per))
+        if tiles and (not ladder or tiles != ladder[-1]):
+            ladder.append(tiles)
+        if finest or budget <= 1:
+            return ladder
+        budget //= 2
+
+
+def _tiles_note(lay: _Layout) -> str:
+    parts = []
+    for k, ranges in sorted(lay.tiles.items()):
+        unit = lay.units[k]
+        rows = ranges[0][1] - ranges[0][0]
+        parts.append(f"{unit.name} in {len(ranges)} tiles of {rows} rows")
+    return "tiled: " + ", ".join(parts) + " (the whole units do not fit the arena)"
+
+
 def _witness(lay: _Layout, capacity: int, min_capacity: int) -> Witness:
     live = [a + w for a, w in zip(lay.arena_live, lay.ws_live, strict=True)]
     step = live.index(max(live))
     alive = tuple(i for i in range(len(lay.role)) if lay.first[i] <= step <= lay.last[i])
-    return Witness(step, lay.units[lay.steps[step][1]].name, alive, min_capacity - capacity)
+    unit = lay.units[lay.runs[lay.steps[step][1]][0]]
+    return Witness(step, unit.name, alive, min_capacity - capacity)
+
+
+def _slots(lay: _Layout, buffer: int, align: int) -> tuple[TensorSlot, ...]:
+    """The tensor slots of a weights buffer: its run's tensors, or its tile's rows."""
+    k = lay.unit_of[buffer]
+    r = lay.run_of[buffer]
+    tile = lay.runs[r][1] if r >= 0 else None
+    last = r < 0 or r + 1 == len(lay.runs) or lay.runs[r + 1][0] != k
+    return tensor_slots(lay.units[k], align, tile, last)
 
 
 def _materialize(
@@ -484,7 +612,7 @@ def _materialize(
             lay.offsets[i],
             lay.first[i],
             lay.last[i],
-            tensor_slots(units[lay.unit_of[i]], align) if lay.role[i] in _WEIGHT_ROLES else (),
+            _slots(lay, i, align) if lay.role[i] in _WEIGHT_ROLES else (),
         )
         for i in range(len(lay.role))
     )
@@ -495,21 +623,23 @@ def _materialize(
         if b.role in ("weights", "prefetch"):
             loads[b.first_step].append(b.id)
     steps = []
-    for index, (action, k) in enumerate(lay.steps):
+    for index, (action, r) in enumerate(lay.steps):
         run = action == "run"
+        k, tile = lay.runs[r]
         steps.append(
             Step(
                 index,
                 "run" if run else "load",
                 units[k].name,
                 tuple(loads[index]),
-                lay.weights[k] if run else None,
-                lay.inputs[k] if run else None,
-                lay.output[k] if run else None,
-                lay.working[k] if run else None,
+                lay.weights[r] if run else None,
+                lay.inputs[r] if run else None,
+                lay.output[r] if run else None,
+                lay.working[r] if run else None,
                 tuple(frees[index]),
                 lay.arena_live[index],
                 lay.ws_live[index],
+                tile if run else None,
             )
         )
     arena = [

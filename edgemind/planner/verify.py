@@ -25,7 +25,7 @@ import bisect
 from collections.abc import Generator, Iterator
 
 from edgemind.errors import PlanError
-from edgemind.planner.plan import ROLES, Buffer, CostTable, Plan, UnitCost
+from edgemind.planner.plan import ROLES, Buffer, CostTable, Plan, Step, UnitCost
 
 _MAX_SHOWN = 5  # violations quoted by check_plan
 
@@ -182,18 +182,89 @@ def _runs(plan: Plan) -> Iterator[str]:
             if b.role not in ("weights", "prefetch") or not _alive(b, step.index):
                 yield f"step {step.index} loads buffer {ref} ({b.role}), not a live weights buffer"
     runs = [step for step in plan.steps if step.action == "run"]
-    if tuple(step.layer for step in runs) != plan.units:
-        yield f"the run steps run {[s.layer for s in runs]}, but the plan's units are {plan.units}"
+    units = [group[0].layer for group in _unit_runs(runs)]
+    if tuple(units) != plan.units:
+        yield f"the run steps run {units}, but the plan's units are {plan.units}"
     for previous, step in zip([None, *runs], runs, strict=False):
-        if previous is not None and previous.output != step.input:
+        same_unit = previous is not None and _same_unit(previous, step)
+        if (
+            same_unit
+            and previous is not None
+            and (previous.input, previous.output)
+            != (
+                step.input,
+                step.output,
+            )
+        ):
+            yield f"step {step.index}: a tile of {step.layer} reads or writes other buffers"
+        elif not same_unit and previous is not None and previous.output != step.input:
             yield (
                 f"step {step.index} ({step.layer}) reads buffer {step.input}, but the previous "
                 f"run wrote {previous.output}"
             )
-        yield from _run_buffers(plan, step.index, loaded_at, end)
+        yield from _run_buffers(plan, step.index, loaded_at, end, first_tile=not same_unit)
+    for group in _unit_runs(runs):
+        yield from _tile_cover(plan, group)
 
 
-def _run_buffers(plan: Plan, index: int, loaded_at: dict[int, int], end: int) -> Iterator[str]:
+def _same_unit(a: Step, b: Step) -> bool:
+    """Whether two consecutive runs are tiles of one unit (the next tile starts where
+    the previous one ended)."""
+    return (
+        a.layer == b.layer and a.tile is not None and b.tile is not None and a.tile[1] == b.tile[0]
+    )
+
+
+def _unit_runs(runs: list[Step]) -> list[list[Step]]:
+    """Consecutive runs grouped by unit: one run, or a unit's tiles in order."""
+    groups: list[list[Step]] = []
+    for step in runs:
+        if groups and _same_unit(groups[-1][-1], step):
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def _tile_cover(plan: Plan, group: list[Step]) -> Iterator[str]:
+    """A tiled unit's tiles start at row 0 and cover its tiled tensor's bytes exactly once,
+    in order, each holding whole rows of one size. The tiled tensor is the one every
+    tile's weights buffer holds a part of."""
+    if group[0].tile is None:
+        return
+    where = f"{group[0].layer}'s tiles"
+    buffers = [plan.buffers[s.weights] for s in group if s.weights is not None]
+    if len(buffers) != len(group):
+        yield f"{where}: a tile reads no weights buffer"
+        return
+    common = set.intersection(*({slot.name for slot in b.tensors} for b in buffers))
+    if len(common) != 1:
+        yield f"{where}: expected one tensor split across every tile, found {sorted(common)}"
+        return
+    (name,) = common
+    if group[0].tile[0] != 0:
+        yield f"{where} start at row {group[0].tile[0]}, not 0"
+    offset, row_bytes = 0, None
+    for step, b in zip(group, buffers, strict=True):
+        assert step.tile is not None
+        rows = step.tile[1] - step.tile[0]
+        part = next(slot for slot in b.tensors if slot.name == name)
+        if part.source_offset_bytes != offset:
+            yield (
+                f"{where}: step {step.index} starts at byte {part.source_offset_bytes} of "
+                f"{name}, expected {offset} (tiles must cover it once, in order)"
+            )
+        uneven = rows > 0 and row_bytes is not None and part.nbytes != rows * row_bytes
+        if rows <= 0 or part.nbytes % rows or uneven:
+            yield f"{where}: step {step.index} holds {part.nbytes} bytes for {rows} rows"
+            return
+        row_bytes = part.nbytes // rows
+        offset = part.source_offset_bytes + part.nbytes
+
+
+def _run_buffers(
+    plan: Plan, index: int, loaded_at: dict[int, int], end: int, *, first_tile: bool = True
+) -> Iterator[str]:
     step = plan.steps[index]
     where = f"step {index} ({step.layer})"
     if step.weights is not None:
@@ -209,18 +280,20 @@ def _run_buffers(plan: Plan, index: int, loaded_at: dict[int, int], end: int) ->
                 yield f"{where}: pinned buffer {w.id} must live the whole request, never loaded"
         elif loaded_at.get(w.id, index + 1) > index:
             yield f"{where} reads weights buffer {w.id} before any step loads it"
-    for name, ref, role in (
-        ("input", step.input, "activation"),
-        ("output", step.output, "activation"),
-        ("working set", step.working_set, "working_set"),
+    for name, ref, roles in (
+        ("input", step.input, ("activation", "accumulator")),
+        ("output", step.output, ("activation", "accumulator")),
+        ("working set", step.working_set, ("working_set",)),
     ):
         if ref is None:
             continue
         b = plan.buffers[ref]
-        if b.role != role or not _alive(b, index):
+        if b.role not in roles or not _alive(b, index):
             yield f"{where}: its {name} buffer {ref} is a {b.role} buffer or not alive then"
-        elif name == "output" and b.first_step != index:
+        elif name == "output" and first_tile and b.first_step != index:
             yield f"{where}: its output buffer {ref} is born at step {b.first_step}, not here"
+        elif name == "output" and (b.role == "accumulator") != (step.tile is not None):
+            yield f"{where}: a tiled run writes an accumulator, a whole run an activation"
 
 
 def _verdict(plan: Plan) -> Iterator[str]:
@@ -259,10 +332,13 @@ def _against_costs(plan: Plan, costs: CostTable) -> Iterator[str]:
     if tuple(u.name for u in units) != plan.units:
         yield f"plan runs {plan.units}, exit level {level} runs {tuple(u.name for u in units)}"
         return
-    runs = [step for step in plan.steps if step.action == "run"]
+    groups = _unit_runs([step for step in plan.steps if step.action == "run"])
+    runs = [group[0] for group in groups]
     streamed = 0
-    for unit, step in zip(units, runs, strict=True):
-        streamed += yield from _unit_buffers(plan, unit, step.index)
+    tile_ws = {(unit, rows): nbytes for unit, rows, nbytes in costs.tile_working_sets}
+    for unit, group in zip(units, groups, strict=True):
+        indices = [step.index for step in group]
+        streamed += yield from _unit_buffers(plan, unit, indices, tile_ws)
     if streamed != plan.streamed_bytes:
         yield f"streamed_bytes {plan.streamed_bytes} != {streamed} read by unpinned runs"
     if plan.unpinned_streamed_bytes != sum(u.weight_bytes for u in units):
@@ -278,24 +354,37 @@ def _against_costs(plan: Plan, costs: CostTable) -> Iterator[str]:
         yield f"no context buffer of {costs.context_bytes} bytes lives the whole request"
 
 
-def _unit_buffers(plan: Plan, unit: UnitCost, index: int) -> Generator[str, None, int]:
-    """Check one run's buffers against its unit's costs; return the bytes it streams."""
+def _unit_buffers(
+    plan: Plan, unit: UnitCost, indices: list[int], tile_ws: dict[tuple[str, int], int]
+) -> Generator[str, None, int]:
+    """Check a unit's runs (one, or its tiles) against its costs; return the bytes read."""
+    index = indices[0]
     step = plan.steps[index]
     streamed = 0
     if unit.weight_bytes > 0:
-        if step.weights is None:
-            yield f"step {index} ({unit.name}) has weights but reads no weights buffer"
-        else:
-            w = plan.buffers[step.weights]
-            streamed = 0 if w.role == "pinned" else unit.weight_bytes
-            slots = {slot.name: slot.nbytes for slot in w.tensors}
-            for name, nbytes in unit.tensors:
-                if slots.get(name, -1) < nbytes:
-                    yield f"buffer {w.id} lacks a {nbytes}-byte slot for {unit.name}.{name}"
-    for name, ref, need in (
-        ("output", step.output, unit.output_bytes),
-        ("working set", step.working_set, unit.working_set_bytes),
+        held: dict[str, int] = {}
+        for i in indices:
+            ref = plan.steps[i].weights
+            if ref is None:
+                yield f"step {i} ({unit.name}) has weights but reads no weights buffer"
+                continue
+            w = plan.buffers[ref]
+            for slot in w.tensors:
+                held[slot.name] = held.get(slot.name, 0) + slot.nbytes
+                streamed += 0 if w.role == "pinned" else slot.nbytes
+        for name, nbytes in unit.tensors:
+            if held.get(name, -1) < nbytes:
+                yield f"its weights buffers lack a {nbytes}-byte slot for {unit.name}.{name}"
+    if unit.output_bytes > 0 and (
+        step.output is None or plan.buffers[step.output].nbytes < unit.output_bytes
     ):
+        yield f"step {index} ({unit.name}): output buffer {step.output} is too small"
+    for i in indices:
+        run = plan.steps[i]
+        need = unit.working_set_bytes
+        if run.tile is not None:
+            need = tile_ws.get((unit.name, run.tile[1] - run.tile[0]), need)
+        ref = run.working_set
         if need > 0 and (ref is None or plan.buffers[ref].nbytes < need):
-            yield f"step {index} ({unit.name}): {name} buffer {ref} holds less than {need} bytes"
+            yield f"step {i} ({unit.name}): working set {ref} holds less than {need} bytes"
     return streamed
