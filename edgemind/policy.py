@@ -27,6 +27,7 @@ ENV_ARENA_MB = "EDGE_MODEL_ARENA_MB"
 QUOTA_ACTIONS = ("early_exit", "reject_request")
 READ_MODES = ("buffered", "direct")
 ENFORCE_MODES = ("off", "warn", "fail")
+TILING_MODES = ("auto", "off")
 MAX_POLICY_BYTES = 1 << 20  # a policy file is a few lines
 MAX_POLICY_DEPTH = 8  # sections, keys, values: three levels are all a policy has
 MAX_HTTP_ADDR_CHARS = 270  # a 253-character host name, brackets, colon, port
@@ -42,6 +43,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "verify_checksums": "verify_checksums",
         "read_mode": "read_mode",
         "enforce": "enforce",
+        "tiling": "tiling",
     },
     "scheduler": {"on_memory_quota_exceeded": "on_memory_quota_exceeded"},
     "metrics": {"enable_http": "metrics_enable_http", "http_addr": "metrics_http_addr"},
@@ -64,6 +66,7 @@ class Policy:
     verify_checksums: bool = False
     read_mode: Literal["buffered", "direct"] = "buffered"
     enforce: Literal["off", "warn", "fail"] = "warn"
+    tiling: Literal["auto", "off"] = "auto"  # split units whose weights do not fit into tiles
     on_memory_quota_exceeded: Literal["early_exit", "reject_request"] = "early_exit"
     metrics_enable_http: bool = False
     metrics_http_addr: str = "127.0.0.1:9090"
@@ -98,6 +101,10 @@ class Policy:
             raise PolicyError(
                 f"model.read_mode: expected one of {', '.join(READ_MODES)}, got "
                 f"{brief(self.read_mode)}"
+            )
+        if self.tiling not in TILING_MODES:
+            raise PolicyError(
+                f"model.tiling: expected one of {', '.join(TILING_MODES)}, got {self.tiling!r}"
             )
         if self.enforce not in ENFORCE_MODES:
             raise PolicyError(

@@ -364,18 +364,23 @@ def make_plan(
     min_capacity = min(lay.peak_bytes for lay in candidates)
     chosen = next((lay for lay in candidates if lay.peak_bytes <= capacity), None)
     deepest = candidates[0]  # the chosen chain at the depth asked for
-    if chosen is None and any(u.tiling is not None for u in complete):
-        # tiles: the largest that fit, at the deepest prefetch that fits with them
+    if policy.tiling == "auto" and any(u.tiling is not None for u in complete):
+        # Tiles when the whole units do not fit: the deepest prefetch that fits with any
+        # tiling (streaming in tiles is fast only when reads overlap compute), then the
+        # largest tiles at that depth. They always count towards the smallest capacity.
         tiled = [
             [build(complete, d, frozenset(), tiles) for d in range(top, -1, -1)]
             for tiles in tile_ladder(complete)
         ]
-        min_capacity = min(min_capacity, *(lay.peak_bytes for row in tiled for lay in row))
-        fits = [(lay, row[0]) for row in tiled for lay in row if lay.peak_bytes <= capacity]
-        if fits:
+        finest = min(tiled, key=lambda row: min(lay.peak_bytes for lay in row), default=None)
+        if finest is not None and min(lay.peak_bytes for lay in finest) < min_capacity:
+            min_capacity = min(lay.peak_bytes for lay in finest)
+            candidates = sorted(finest, key=lambda lay: -lay.peak_bytes)  # witness: its least
+        by_depth = [(row[i], row[0]) for i in range(top + 1) for row in tiled]
+        fits = [(lay, deepest) for lay, deepest in by_depth if lay.peak_bytes <= capacity]
+        if chosen is None and fits:
             chosen, deepest = fits[0]
             notes.append(_tiles_note(chosen))
-        candidates = min(tiled, key=lambda row: row[-1].peak_bytes)  # witness: finest
     status: Status = "feasible"
     level: int | None = costs.num_levels
     witness = None
