@@ -6,7 +6,10 @@ reshapes, shifts, masks and broadcast scales so that XLA fuses it into one loop 
 per-block ``einsum`` was ~70x slower here). The arithmetic repeats ggml's, operation
 for operation and in the same order, so the float32 values are bit-identical to
 ``gguf.quants.dequantize`` (``tests/test_layers_quant.py`` checks every type on
-random blocks and on the Gemma 3 270M GGUF's tensors).
+random blocks and on the Gemma 3 270M GGUF's tensors). Two things could break that and
+do not: XLA on CPU does not contract ``a * b - c`` into a fused multiply-add (q4_k's
+formula), and no intermediate can be a float32 subnormal that flush-to-zero would
+change (the smallest nonzero f16 scale is 2**-24).
 
 Layout: a weight ``w`` of logical shape ``(out_features, in_features)`` is stored as
 GGUF stores it, row-major with blocks along ``in_features`` (GGUF lists the dims the
