@@ -323,10 +323,16 @@ FLAGS: dict[str, st.SearchStrategy[str] | None] = {
     "--seed": NUMBERS,
     "--repeat": st.sampled_from(["0", "-1", "x", "1e3"]) | SMALL,
     "--linger": st.sampled_from(["-1", "nan", "inf", "1e308", "0"]),
+    "--text": st.text(max_size=20) | st.sampled_from(["\udcff", "", " ", "a" * 3000]),
+    "--metrics-addr": st.sampled_from(
+        [":0", "127.0.0.1:0", "[::1]:x", "a" * 300 + ":1", "h:99999"]
+    ),
     "--json": None,
     "--verify": None,
     "--buffers": None,
 }
+
+FILE_FLAGS = ("--policy", "--plan", "--text-file", "--input")
 
 
 @st.composite
@@ -344,8 +350,9 @@ def command_lines(draw: st.DrawFn, model: str, files: list[str]) -> list[str]:
                 ]
             )
         )
-    for flag in draw(st.lists(st.sampled_from(sorted(FLAGS)), max_size=4, unique=True)):
-        values = FLAGS[flag]
+    flags = {**FLAGS, **{name: st.sampled_from(files) for name in FILE_FLAGS}}
+    for flag in draw(st.lists(st.sampled_from(sorted(flags)), max_size=4, unique=True)):
+        values = flags[flag]
         argv += [flag] if values is None else [flag, draw(values)]
     return argv
 
@@ -365,23 +372,20 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     ]
 
 
-def test_cli_arguments(toy_model: Path, bad_files: list[str]) -> None:
+@fuzz_settings(40)
+@given(data=st.data())
+def test_cli_arguments(toy_model: Path, bad_files: list[str], data: st.DataObject) -> None:
     """Every command line exits 0-5; errors (1, 2) print exactly one line on stderr."""
-
-    @fuzz_settings(40)
-    @given(command_lines(str(toy_model), bad_files))
-    def case(argv: list[str]) -> None:
-        out, err = io.StringIO(), io.StringIO()
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
-        assert time.perf_counter() - start < SECONDS_PER_CASE
-        text = err.getvalue()
-        assert code in (0, 1, 2, 3, 4, 5), (argv, code)  # 5: out of memory while running
-        assert "Traceback" not in text, (argv, text)
-        if code in (1, 2):
-            assert len(text.strip().splitlines()) == 1, (argv, text)
-        else:  # 4 and 5 say why on one line; `plan` says it on stdout instead
-            assert len(text.strip().splitlines()) <= 1, (argv, text)
-
-    case()
+    argv = data.draw(command_lines(str(toy_model), bad_files), label="argv")
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert time.perf_counter() - start < SECONDS_PER_CASE
+    text = err.getvalue()
+    assert code in (0, 1, 2, 3, 4, 5), (argv, code)  # 5: out of memory while running
+    assert "Traceback" not in text, (argv, text)
+    if code in (1, 2):
+        assert len(text.strip().splitlines()) == 1, (argv, text)
+    else:  # 4 and 5 say why on one line; `plan` says it on stdout instead
+        assert len(text.strip().splitlines()) <= 1, (argv, text)
