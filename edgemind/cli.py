@@ -90,6 +90,11 @@ def _policy_flags() -> _Parser:
         choices=("early_exit", "reject_request"),
         help="what to do when the complete run does not fit",
     )
+    group.add_argument(
+        "--tiling",
+        choices=("auto", "off"),
+        help="auto: run units whose weights do not fit in tiles (row ranges) instead",
+    )
     group.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size (default 1)")
     group.add_argument("--seq", type=POSITIVE_INT, help="sequence length, for models with one")
     return flags
@@ -100,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="edgemind",
         description="Run neural networks under a hard memory budget by streaming weights.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 early exit, 4 infeasible/rejected",
+        epilog=(
+            "exit codes: 0 ok, 1 error, 2 usage, 3 early exit, 4 infeasible/rejected, "
+            "5 out of memory while running"
+        ),
     )
     parser.add_argument("--version", action="version", version=f"edgemind {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -235,6 +243,7 @@ def _policy(args: argparse.Namespace) -> Any:
             "prefetch_depth": args.prefetch_depth,
             "on_memory_quota_exceeded": args.on_quota,
             "read_mode": args.read_mode,
+            "tiling": args.tiling,
             "verify_checksums": True if getattr(args, "verify", False) else None,
         },
     )

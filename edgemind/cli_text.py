@@ -113,17 +113,28 @@ def verdict_line(plan: Plan) -> str:
     return f"INFEASIBLE:{short} in {format_bytes(plan.capacity_bytes)}{needs}"
 
 
+def _rows(tile: tuple[int, int]) -> str:
+    return f"{tile[0]}:{tile[1]}"
+
+
+def _buffer_label(plan: Plan, buffer_id: int) -> str:
+    """A weights buffer's unit, with the rows it holds when it is a tile's."""
+    buf = plan.buffers[buffer_id]
+    tile = next((s.tile for s in plan.steps if s.weights == buffer_id and s.tile), None)
+    return buf.layer if tile is None else f"{buf.layer}[{_rows(tile)}]"
+
+
 def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = False) -> str:
     """The step table, the peak against capacity and lower bound, and the verdict."""
     peak_step = max(plan.steps, key=lambda s: s.live_bytes, default=None)
     rows = []
     for step in plan.steps:
-        loads = ", ".join(plan.buffers[b].layer for b in step.loads) or "-"
+        loads = ", ".join(_buffer_label(plan, b) for b in step.loads) or "-"
         rows.append(
             (
                 str(step.index),
                 step.action,
-                step.layer,
+                step.layer if step.tile is None else f"{step.layer} rows {_rows(step.tile)}",
                 loads,
                 format_bytes(step.arena_live_bytes),
                 format_bytes(step.working_set_bytes),

@@ -66,7 +66,8 @@ class Policy:
     verify_checksums: bool = False
     read_mode: Literal["buffered", "direct"] = "buffered"
     enforce: Literal["off", "warn", "fail"] = "warn"
-    tiling: Literal["auto", "off"] = "auto"  # split units whose weights do not fit into tiles
+    # "auto": split units whose weights do not fit into tiles (docs/design.md, "Tiles")
+    tiling: Literal["auto", "off"] = "off"
     on_memory_quota_exceeded: Literal["early_exit", "reject_request"] = "early_exit"
     metrics_enable_http: bool = False
     metrics_http_addr: str = "127.0.0.1:9090"

@@ -46,6 +46,7 @@ ROLE_STYLE: dict[str, tuple[str, str]] = {
     "weights": ("weights (own load step)", "#0072B2"),
     "prefetch": ("prefetched weights (read during the previous run)", "#E69F00"),
     "activation": ("activations", "#009E73"),
+    "accumulator": ("accumulator (output of a tiled unit)", "#56B4E9"),
     "working_set": ("XLA working set (outside arena)", "#7F7F7F"),
 }
 CAPACITY_COLOR = "#D55E00"
@@ -301,6 +302,7 @@ _LEGEND_ORDER = (
     *(ROLE_STYLE[role][0] for role in ("pinned", "weights", "prefetch")),
     _LOADING_LABEL,
     ROLE_STYLE["activation"][0],
+    ROLE_STYLE["accumulator"][0],
     "XLA",
     "arena",
     "lower bound",

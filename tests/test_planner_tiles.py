@@ -29,7 +29,7 @@ def chain(*units: UnitCost, input_bytes: int = 4096) -> CostTable:
 
 
 def plan_ok(costs: CostTable, **policy) -> Plan:
-    plan = make_plan(costs, Policy(**policy))
+    plan = make_plan(costs, Policy(**{"tiling": "auto", **policy}))
     assert verify_plan(plan, costs) == [], verify_plan(plan, costs)[:3]
     return plan
 
@@ -59,6 +59,10 @@ def test_whole_units_are_kept_when_they_fit():
     plan = plan_ok(costs, arena_capacity_bytes=64 << 20)
     assert all(s.tile is None for s in plan.steps)
     assert plan.min_capacity_bytes is not None and plan.min_capacity_bytes < 64 << 20
+
+
+def test_tiling_is_opt_in():
+    assert Policy().tiling == "off"
 
 
 def test_tiling_off_exits_early_or_rejects_instead():

@@ -21,8 +21,23 @@ import jax
 import jax.numpy as jnp
 
 from edgemind.errors import ModelFormatError
-from edgemind.layers.registry import freeze_config, get_kind, jitted
-from edgemind.planner.plan import CostTable, ExitCost, UnitCost, WorkingSetSource
+from edgemind.layers.registry import (
+    TILE_ACC,
+    TILE_START,
+    TILE_SUFFIX,
+    LayerKind,
+    freeze_config,
+    get_kind,
+    jitted,
+)
+from edgemind.planner.plan import (
+    CostTable,
+    ExitCost,
+    TileMode,
+    Tiling,
+    UnitCost,
+    WorkingSetSource,
+)
 from edgemind.units import align_up
 from edgemind.weights.manifest import DTYPES, LayerSpec, Manifest, all_layer_specs
 
@@ -212,8 +227,108 @@ def unit_cost(
         working_set_bytes,
         pinnable=not gathered_tensors(spec),  # gathered rows belong to one request
         working_set_source=source,
+        tiling=_tiling(spec, kind, params),
     )
     return cost, out
+
+
+def _tiling(spec: LayerSpec, kind: LayerKind, params: Mapping[str, Any]) -> Tiling | None:
+    """How the unit can run in tiles: its kind's tiled tensor, split by rows."""
+    if kind.tiling is None or kind.tiling.tensor in gathered_tensors(spec):
+        return None
+    sds = params.get(kind.tiling.tensor)
+    if sds is None or len(sds.shape) < 1 or sds.shape[0] < 2:
+        return None
+    rows = int(sds.shape[0])
+    mode: TileMode = "concat" if kind.tiling.mode == "concat" else "accumulate"
+    return Tiling(kind.tiling.tensor, rows, struct_nbytes(sds) // rows, mode)
+
+
+def tile_key(
+    spec: LayerSpec,
+    x: jax.ShapeDtypeStruct,
+    ctx: Mapping[str, jax.ShapeDtypeStruct],
+    out: jax.ShapeDtypeStruct,
+    rows: int,
+    *,
+    first: bool,
+    last: bool,
+) -> UnitKey:
+    """The signature of one tile of ``spec``: ``rows`` rows of its tiled tensor (and its
+    other tensors when ``last``), the accumulator (unless ``first``) and the start row."""
+    kind = get_kind(spec.kind)
+    assert kind.tiling is not None
+    params = param_structs(spec, 0)
+    tensor = params[kind.tiling.tensor]
+    tile = {kind.tiling.tensor: jax.ShapeDtypeStruct((rows, *tensor.shape[1:]), tensor.dtype)}
+    if last:
+        tile.update((name, sds) for name, sds in params.items() if name != kind.tiling.tensor)
+    tile_ctx = {**ctx, TILE_START: jax.ShapeDtypeStruct((), jnp.int32)}
+    if not first:
+        tile_ctx[TILE_ACC] = out
+    config = freeze_config({**spec.config, "first": first, "last": last})
+    return (
+        spec.kind + TILE_SUFFIX,
+        config,
+        _signature(tile),
+        _signature({"x": x}),
+        _signature(tile_ctx),
+    )
+
+
+def _unit_inputs(
+    manifest: Manifest, dims: Mapping[str, int]
+) -> tuple[dict[str, tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]], dict]:
+    """Each unit's (input, output) structs along the chain (heads after their layer), and
+    the context structs."""
+    structs = input_structs(manifest, dims)
+    ctx = {s.name: a for s, a in zip(manifest.inputs[1:], structs[1:], strict=True)}
+    x, rows = structs[0], math.prod(structs[0].shape)
+    shapes = {}
+    for spec in manifest.layers:
+        params = _signature(param_structs(spec, rows))
+        out = _analyse(spec.kind, freeze_config(spec.config), params, _signature({"x": x}),
+                       _signature(ctx))[0]  # fmt: skip
+        shapes[spec.name] = (x, out)
+        if spec.exit_head is not None:
+            head = spec.exit_head
+            head_params = _signature(param_structs(head, rows))
+            head_out = _analyse(head.kind, freeze_config(head.config), head_params,
+                                _signature({"x": out}), _signature(ctx))[0]  # fmt: skip
+            shapes[head.name] = (out, head_out)
+        x = out
+    return shapes, ctx
+
+
+def compiled_tiles(
+    manifest: Manifest, dims: Mapping[str, int], tiles: Sequence[tuple[str, int, bool, bool]]
+) -> dict[tuple[str, int, bool, bool], tuple[UnitKey, jax.stages.Compiled]]:
+    """The executables of tiles, by (unit, rows, first, last), compiled once each."""
+    specs = {s.name: s for s in all_layer_specs(manifest)}
+    shapes, ctx = _unit_inputs(manifest, dims)
+    compiled = {}
+    for unit, rows, first, last in tiles:
+        x, out = shapes[unit]
+        key = tile_key(specs[unit], x, ctx, out, rows, first=first, last=last)
+        compiled[(unit, rows, first, last)] = (key, _compile(*key))
+    return compiled
+
+
+def tile_working_sets(
+    manifest: Manifest,
+    dims: Mapping[str, int],
+    tiles: Sequence[tuple[str, int, bool, bool]],
+    measure: Measure | None = None,
+) -> tuple[tuple[str, int, int], ...]:
+    """(unit, rows, working-set bytes) for tiles: the largest of a size's variants (first,
+    middle, last), each ``max(memory_analysis, measured)`` like a unit's."""
+    worst: dict[tuple[str, int], int] = {}
+    for (unit, rows, _, _), (key, compiled) in compiled_tiles(manifest, dims, tiles).items():
+        nbytes = _analyse(*key)[1]
+        measured = None if measure is None else measure(key, compiled)
+        nbytes = max(nbytes, measured or 0)
+        worst[(unit, rows)] = max(worst.get((unit, rows), 0), nbytes)
+    return tuple((unit, rows, nbytes) for (unit, rows), nbytes in sorted(worst.items()))
 
 
 CONTEXT_ALIGNMENT = 64  # each context input's start in its shared buffer: JAX's zero-copy minimum

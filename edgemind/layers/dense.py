@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgemind.errors import ModelFormatError
-from edgemind.layers.registry import Context, LayerKind, Params, register
+from edgemind.layers.registry import Context, LayerKind, Params, TileKind, register
 
 _JAX_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -40,6 +40,28 @@ def dense_apply(params: Params, x: Any, ctx: Context, *, activation: str = "none
     del ctx  # a dense layer needs no request context
     act = _activation(activation)
     return act(jnp.matmul(x, params["w"]) + params["b"])
+
+
+def dense_tile(
+    params: Params,
+    x: Any,
+    acc: Any,
+    start: Any,
+    ctx: Context,
+    *,
+    first: bool,
+    last: bool,
+    activation: str = "none",
+) -> jax.Array:
+    """One tile of ``dense``: rows ``start..start + r`` of ``w`` (input features) add
+    ``x[..., start:start + r] @ w_tile`` to the accumulator; the last tile adds ``b`` and
+    applies the activation. Summed over the tiles: ``dense_apply``, up to float rounding
+    (the partial sums are added in another order)."""
+    del ctx
+    w = params["w"]  # (rows of this tile, d_out)
+    part = jnp.matmul(jax.lax.dynamic_slice_in_dim(x, start, w.shape[0], axis=-1), w)
+    total = part if first else acc + part
+    return _activation(activation)(total + params["b"]) if last else total
 
 
 def exit_head_apply(params: Params, x: Any, ctx: Context) -> jax.Array:
@@ -85,5 +107,7 @@ def exit_head_reference(params: Params, x: np.ndarray, ctx: Context) -> np.ndarr
     return p.astype(np.result_type(np.asarray(x).dtype, np.asarray(params["w"]).dtype))
 
 
-DENSE = register(LayerKind("dense", dense_apply, dense_reference, tensors=("w", "b")))
+DENSE = register(
+    LayerKind("dense", dense_apply, dense_reference, ("w", "b"), TileKind("w", dense_tile))
+)
 EXIT_HEAD = register(LayerKind("exit_head", exit_head_apply, exit_head_reference, ("w", "b")))

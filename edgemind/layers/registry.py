@@ -27,6 +27,23 @@ Context = Mapping[str, Any]  # request-level arrays (an attention mask...), same
 LayerFn = jax.stages.Wrapped  # a jitted apply(params, x, ctx): call it, or .lower() it
 
 
+TILE_SUFFIX = ".tile"  # the kind that runs one tile of ``kind`` is named ``kind + TILE_SUFFIX``
+TILE_START = "tile_start"  # ctx entry: the tile's first row (an int32 scalar)
+TILE_ACC = "tile_acc"  # ctx entry: the accumulator so far (absent for the first tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileKind:
+    """How a kind runs in tiles: ``apply(params, x, acc, start, ctx, *, first, last,
+    **config) -> acc``, where ``params[tensor]`` holds rows ``start..start + rows`` of the
+    tiled tensor (the other tensors only on the last tile) and ``acc`` is None on the first.
+    The last tile returns the unit's output."""
+
+    tensor: str
+    apply: Callable[..., jax.Array]
+    mode: str = "accumulate"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
     """One kind of layer: a pure jax.numpy ``apply`` and an independent NumPy ``reference``.
@@ -40,6 +57,7 @@ class LayerKind:
     apply: Callable[..., jax.Array]
     reference: Callable[..., np.ndarray]
     tensors: tuple[str, ...] = ()
+    tiling: TileKind | None = None  # None: the kind's weights are only loaded whole
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -50,12 +68,32 @@ TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 def register(kind: LayerKind) -> LayerKind:
-    """Make ``kind`` known by its name; registering a different kind twice is an error."""
+    """Make ``kind`` known by its name; registering a different kind twice is an error.
+
+    A kind with ``tiling`` also registers ``kind.name + ".tile"``: one tile's run as a
+    kind of its own, ``apply(params, x, ctx, *, first, last, **config)`` with the tile's
+    start row and the accumulator in ``ctx``, so tiles compile, cost and run like units.
+    """
     known = _KINDS.get(kind.name)
     if known is not None and known is not kind:
         raise ValueError(f"layer kind {kind.name!r} is already registered")
     _KINDS[kind.name] = kind
+    if kind.tiling is not None:
+        _KINDS[kind.name + TILE_SUFFIX] = _tile_kind(kind, kind.tiling)
     return kind
+
+
+def _tile_kind(kind: LayerKind, tiling: TileKind) -> LayerKind:
+    def apply(params: Params, x: Any, ctx: Context, *, first: bool, last: bool, **config: Any):
+        acc = None if first else ctx[TILE_ACC]
+        return tiling.apply(params, x, acc, ctx[TILE_START], ctx, first=first, last=last, **config)
+
+    base = inspect.signature(kind.apply)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in ("first", "last")]
+    apply.__signature__ = base.replace(  # type: ignore[attr-defined]
+        parameters=[*base.parameters.values(), *extra]
+    )
+    return LayerKind(kind.name + TILE_SUFFIX, apply, kind.reference, kind.tensors)
 
 
 def known_kinds() -> tuple[str, ...]:

@@ -380,6 +380,7 @@ def make_plan(
         fits = [(lay, deepest) for lay, deepest in by_depth if lay.peak_bytes <= capacity]
         if chosen is None and fits:
             chosen, deepest = fits[0]
+            chosen = _untile(chosen, capacity, build)
             notes.append(_tiles_note(chosen))
     status: Status = "feasible"
     level: int | None = costs.num_levels
@@ -560,12 +561,26 @@ def tile_ladder(units: Sequence[UnitCost]) -> list[dict[int, Tiles]]:
             per = max(floor, budget // t.row_bytes if t.row_bytes else t.rows, 1)
             finest = finest and per <= floor
             if per < t.rows:
+                count = -(-t.rows // per)
+                per = -(-t.rows // count)  # as even as whole rows allow
                 tiles[k] = tuple((s, min(s + per, t.rows)) for s in range(0, t.rows, per))
         if tiles and (not ladder or tiles != ladder[-1]):
             ladder.append(tiles)
         if finest or budget <= 1:
             return ladder
         budget //= 2
+
+
+def _untile(lay: _Layout, capacity: int, build: _Build) -> _Layout:
+    """Load whole again the tiled units that fit whole beside the rest, smallest first
+    (the ladder's budget tiles every unit above it; fewer tiles, fewer steps)."""
+    order = sorted(lay.tiles, key=lambda k: (lay.units[k].weight_bytes, k))
+    for k in order:
+        tiles = {j: ranges for j, ranges in lay.tiles.items() if j != k}
+        trial = build(lay.units, lay.depth, lay.pinned, tiles)
+        if trial.peak_bytes <= capacity:
+            lay = trial
+    return lay
 
 
 def _tiles_note(lay: _Layout) -> str:

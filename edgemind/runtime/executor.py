@@ -23,11 +23,13 @@ import numpy as np
 from edgemind.errors import EdgemindError, MemoryBoundExceeded, MemoryQuotaExceeded
 from edgemind.layers.cost import (
     CONTEXT_ALIGNMENT,
+    compiled_tiles,
     compiled_units,
     gathered_tensors,
     param_structs,
 )
-from edgemind.planner.plan import Buffer, Plan
+from edgemind.layers.registry import TILE_ACC, TILE_START, get_kind
+from edgemind.planner.plan import Buffer, Plan, Step
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.memory import SETTLE_SLACK_BYTES, sample_rss, settle_rss
 from edgemind.runtime.report import LayerTiming, Outcome, Result, RunReport
@@ -64,9 +66,12 @@ class Executor:
         self._pinned = [b for b in plan.buffers if b.role == "pinned"]
         self._pinned_loaded = False
         # compiled (and measured) when the plan was costed: running them compiles nothing
+        tiled = {s.layer for s in plan.steps if s.tile is not None}
         units = compiled_units(manifest, dims, plan.units)
         self._fns = {name: fn for name, (_, fn) in units.items()}
-        for key, fn in {key: fn for key, fn in units.values()}.items():
+        self._tiles = compiled_tiles(manifest, dims, tile_shapes(plan, self._specs))
+        warm = [entry for name, entry in units.items() if name not in tiled]
+        for key, fn in dict([*warm, *self._tiles.values()]).items():
             warm_up(fn, key)  # kernels' one-time set-up belongs to the baseline, not a request
         self._rows = int(np.prod(plan.input_shape))  # ids a gathered table is read for
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
@@ -101,6 +106,10 @@ class Executor:
                     raise EdgemindError(f"layer {spec.name}: gathered tensor needs token ids")
                 view = self.arena.view(offset, slot.nbytes)
                 nbytes += self._file(spec).read_rows_into(slot.name, ids.ravel(), view)
+            elif slot.nbytes != spec.tensor(slot.name).nbytes:  # a tile's rows: buffered
+                view = self.arena.view(offset, slot.nbytes)
+                file = self._file(spec)
+                nbytes += file.read_range_into(slot.name, slot.source_offset_bytes, view)
             else:
                 extent = direct_read_nbytes(slot.nbytes) if self.direct else slot.nbytes
                 if slot.offset_bytes + extent > buf.nbytes:
@@ -133,8 +142,13 @@ class Executor:
             for slot in buf.tensors:
                 offset = (buf.offset_bytes or 0) + slot.offset_bytes
                 sds = structs[slot.name]
+                dtype = numpy_dtype(str(sds.dtype))
+                row = int(np.prod(sds.shape[1:], dtype=np.int64)) * dtype.itemsize
+                shape = sds.shape
+                if slot.nbytes != int(np.prod(sds.shape, dtype=np.int64)) * dtype.itemsize:
+                    shape = (slot.nbytes // row, *sds.shape[1:])  # a tile's rows
                 view = self.arena.view(offset, slot.nbytes)
-                params[slot.name] = view.view(numpy_dtype(str(sds.dtype))).reshape(sds.shape)
+                params[slot.name] = view.view(dtype).reshape(shape)
             self._param_views[buf.id] = params
         return params
 
@@ -188,13 +202,14 @@ class Executor:
                     if self._pool is not None and step.action == "run":
                         pending[bid] = self._pool.submit(self._load, buf, ids)
                     else:
-                        loads[buf.layer] = self._load(buf, ids)
+                        _add(loads, buf.layer, self._load(buf, ids))
                 if step.action == "run":
                     if step.weights in pending:
-                        loads[step.layer] = pending.pop(step.weights).result()
+                        _add(loads, step.layer, pending.pop(step.weights).result())
                     # reads into slots a past request filled touch no new pages
                     loading = sum(plan.buffers[b].nbytes for b in pending if b not in self._touched)
-                    compute[step.layer], output = self._run_step(step, ctx, acts, loading)
+                    seconds, output = self._run_step(step, ctx, acts, loading)
+                    compute[step.layer] = compute.get(step.layer, 0.0) + seconds  # tiles add up
                     if after_run is not None:
                         after_run(step.index, step.layer)
                 usage.append(arena.live_bytes)  # everything the step holds, before its frees
@@ -279,9 +294,15 @@ class Executor:
         params = {}
         if step.weights is not None:
             params = self._params(self.plan.buffers[step.weights])
+        fn = self._fns[spec.name]
+        if step.tile is not None:  # a tile: its start row and the accumulator so far
+            fn = self._tiles[tile_shape(step, self._specs[step.layer])][1]
+            ctx = {**ctx, TILE_START: np.asarray(step.tile[0], np.int32)}
+            if step.tile[0] > 0:
+                ctx[TILE_ACC] = self._activation(step.output, acts)
         start = time.perf_counter()
         try:
-            out = self._fns[spec.name](params, self._activation(step.input, acts), ctx)
+            out = fn(params, self._activation(step.input, acts), ctx)
             out.block_until_ready()  # the views may be overwritten after this step
         except Exception as exc:
             if not is_allocation_failure(exc):
@@ -377,3 +398,29 @@ def allocation_error(exc: BaseException, step: int, unit: str) -> MemoryBoundExc
         "plan's peak: raise the limit, or lower model.arena_capacity_mb",
         needed_bytes=nbytes,
     )
+
+
+TileShape = tuple[str, int, bool, bool]  # (unit, rows, first tile, last tile)
+
+
+def tile_shape(step: Step, spec: LayerSpec) -> TileShape:
+    """The compiled tile a run step needs: its unit, its rows, and whether it is the
+    unit's first (no accumulator yet) or last (adds the rest, gives the output) tile."""
+    assert step.tile is not None
+    kind = get_kind(spec.kind)
+    assert kind.tiling is not None
+    rows_total = spec.tensor(kind.tiling.tensor).shape[0]
+    start, end = step.tile
+    return (spec.name, end - start, start == 0, end == rows_total)
+
+
+def tile_shapes(plan: Plan, specs: Mapping[str, LayerSpec]) -> list[TileShape]:
+    """Every distinct compiled tile a plan runs, in order of first use."""
+    shapes = [tile_shape(s, specs[s.layer]) for s in plan.steps if s.tile is not None]
+    return list(dict.fromkeys(shapes))
+
+
+def _add(loads: dict[str, tuple[float, int]], unit: str, load: tuple[float, int]) -> None:
+    """Sum a unit's loads (one, or one per tile): seconds and bytes."""
+    seconds, nbytes = loads.get(unit, (0.0, 0))
+    loads[unit] = (seconds + load[0], nbytes + load[1])

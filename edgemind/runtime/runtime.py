@@ -31,17 +31,19 @@ from edgemind.errors import (
     ModelFormatError,
     PlanError,
 )
-from edgemind.layers.cost import cost_table
+from edgemind.layers.cost import cost_table, tile_working_sets
 from edgemind.planner import level_min_capacity, make_plan
 from edgemind.planner.plan import CostTable, Plan
 from edgemind.policy import Policy, load_policy
-from edgemind.runtime.executor import Executor
+from edgemind.runtime.executor import Executor, tile_shapes
 from edgemind.runtime.memory import BOUND_ALLOWANCE_BYTES, PeakRssMeter, configure_malloc
 from edgemind.runtime.report import Result
 from edgemind.runtime.workset import WorkingSetMeter
 from edgemind.units import MIB, format_bytes
 from edgemind.weights.format import numpy_dtype
-from edgemind.weights.manifest import InputSpec, Manifest, load_manifest
+from edgemind.weights.manifest import InputSpec, Manifest, all_layer_specs, load_manifest
+
+_TILE_ROUNDS = 4  # plan, measure the tiles it runs, plan again: at most this many times
 
 
 def dims_of(manifest: Manifest, arrays: tuple[np.ndarray, ...]) -> dict[str, int]:
@@ -189,13 +191,32 @@ class Runtime:
         """The plan for a request shape, e.g. ``rt.plan(batch=8)``; cached."""
         key = tuple(sorted(dims.items()))
         if key not in self._plans:
-            self._plans[key] = make_plan(
-                self.costs(**dims),
-                self.policy,
-                manifest_digest=self.manifest.digest(),
-                policy_digest=self.policy.digest(),
-            )
+            self._plans[key] = self._plan_with_measured_tiles(key, dims)
         return self._plans[key]
+
+    def _plan_with_measured_tiles(self, key: tuple, dims: dict[str, int]) -> Plan:
+        """Plan; when the plan runs tiles whose working sets were estimated (their unit's
+        whole working set), measure those tiles and plan again, until every tile it runs
+        was measured (a new tile size can follow from the new figures: a few rounds)."""
+        digests = {
+            "manifest_digest": self.manifest.digest(),
+            "policy_digest": self.policy.digest(),
+        }
+        costs = self.costs(**dims)
+        plan = make_plan(costs, self.policy, **digests)
+        specs = {spec.name: spec for spec in all_layer_specs(self.manifest)}
+        for _ in range(_TILE_ROUNDS):
+            known = {(unit, rows) for unit, rows, _ in costs.tile_working_sets}
+            shapes = [s for s in tile_shapes(plan, specs) if (s[0], s[1]) not in known]
+            if not shapes:
+                break
+            measured = tile_working_sets(self.manifest, dims, shapes, self.working_sets)
+            costs = dataclasses.replace(
+                costs, tile_working_sets=tuple(sorted({*costs.tile_working_sets, *measured}))
+            )
+            self._costs[key] = costs
+            plan = make_plan(costs, self.policy, **digests)
+        return plan
 
     def use_plan(self, plan: Plan, *, source: str = "the plan", **dims: int) -> None:
         """Adopt a plan (loaded from a file) for the request shape ``dims``.

@@ -324,6 +324,26 @@ class LayerFile:
                 _check_crc(view, spec, self.where, self.layer)
         return total
 
+    def read_range_into(self, tensor_name: str, start_bytes: int, dest: Buffer) -> int:
+        """Bytes ``start_bytes..start_bytes + len(dest)`` of a tensor's payload into
+        ``dest`` (a tile's rows), through the page cache; returns the bytes read.
+
+        Whole-tensor checksums cannot be checked on a part: tile reads rely on the
+        header check at open and the per-read ``fstat`` identity check.
+        """
+        spec = self.layer.tensor(tensor_name)
+        what = f"{self.where}: layer {brief(self.layer.name)}, tensor {brief(tensor_name)}"
+        view = memoryview(dest).cast("B")
+        if start_bytes < 0 or start_bytes + view.nbytes > spec.nbytes:
+            raise ModelFormatError(
+                f"{what}: bytes {start_bytes}..{start_bytes + view.nbytes} lie outside its "
+                f"{spec.nbytes}-byte payload; plan again"
+            )
+        if view.nbytes == 0:
+            return 0
+        self._check_unchanged()
+        return _pread_full(self._file, [view], spec.offset_bytes + start_bytes, what)
+
     def read_rows_into(
         self, tensor_name: str, rows: Sequence[int] | np.ndarray, dest: Buffer
     ) -> int:
