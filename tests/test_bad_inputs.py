@@ -115,6 +115,7 @@ MANIFEST_CASES = {
     "negative input dim": (_set("inputs.0.shape", ["batch", -5]), "positive integers"),
     "huge input dim": (_set("inputs.0.shape", ["batch", 10**30]), "positive integers"),
     "config 900 deep": (_set("layers.0.config.deep", _nested(900)), "nested more than"),
+    "config gathered: 3": (_set("layers.0.config.gathered", 3), "must be a list of tensor names"),
     "10^12-element tensor": (
         _set("layers.0.tensors.0", _tensor("w", [10**6, 10**6], 4096)),
         "exceed one msgpack bin32",

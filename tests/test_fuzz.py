@@ -1,7 +1,8 @@
 """Fuzzing every reader of outside input: each input ends well or in one line.
 
 Hypothesis mutates valid manifests, policies, plan files and weight files (their
-decoded structure and their raw bytes) and builds hostile command lines. Every input
+decoded structure and their raw bytes), costs one-layer models of every kind with
+drawn configs and shapes, and builds hostile command lines. Every input
 must either be accepted or end in the reader's own ``EdgemindError`` subclass with a
 one-line message (the CLI: exit 1 or 2 with one line on stderr, no traceback), within
 a time bound.
@@ -13,6 +14,7 @@ The suite runs a short, deterministic profile; ``make fuzz`` runs the long one
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -53,7 +55,9 @@ def fuzz_settings(examples: int) -> settings:
     )
 
 
-def check_outcome(call: Callable[[], object], expected: type[EdgemindError]) -> None:
+def check_outcome(
+    call: Callable[[], object], expected: type[EdgemindError] | tuple[type[EdgemindError], ...]
+) -> None:
     """``call()`` returns, or raises ``expected`` with a short one-line message, in time."""
     start = time.perf_counter()
     try:
@@ -298,6 +302,57 @@ def test_weight_file_header(blob: bytes, against_manifest: bool) -> None:
         (root / "w.msgpack").write_bytes(blob)
         expected = BASE_LAYER if against_manifest else None
         check_outcome(lambda: read_file_header(root / "w.msgpack", expected), ModelFormatError)
+
+
+def _config_keys(kind: str) -> list[str]:
+    from edgemind.layers.registry import get_kind
+
+    names = inspect.signature(get_kind(kind).apply).parameters
+    return [n for n in names if n not in ("params", "x", "ctx")] or ["activation"]
+
+
+CONFIG_VALUES = st.sampled_from(
+    [0, 1, 2, 3, 4, 8, -1, 1e-12, 0.0, float("nan"), "relu", "gelu", "x", None, True, []]
+) | st.sampled_from([["w"], ["word_embeddings"], 3, 2**40])
+
+
+@st.composite
+def one_layer_manifests(draw: st.DrawFn) -> dict[str, Any]:
+    """One layer of any registered kind, with drawn config, tensor shapes and inputs."""
+    import edgemind.layers  # noqa: F401  (registers the kinds)
+    from edgemind.layers.registry import get_kind, known_kinds
+
+    kind = draw(st.sampled_from(list(known_kinds())))
+    keys = _config_keys(kind)
+    config = draw(st.dictionaries(st.sampled_from(keys), CONFIG_VALUES, max_size=len(keys)))
+    tensors = []
+    for i, name in enumerate(get_kind(kind).tensors or ("w",)):
+        shape = draw(st.lists(st.integers(0, 9), max_size=3))
+        dtype = draw(st.sampled_from(["float32", "int32", "float16"]))
+        size = 2 if dtype == "float16" else 4
+        tensors.append(
+            {"name": name, "dtype": dtype, "shape": shape, "nbytes": int(np.prod(shape)) * size}
+            | {"offset": 4096 * (i + 1), "crc32": "00000000"}
+        )
+    shape = draw(st.lists(st.sampled_from(["batch", "seq", 1, 2, 8]), min_size=1, max_size=3))
+    inputs = [{"name": "x", "dtype": draw(st.sampled_from(["float32", "int32"])), "shape": shape}]
+    if draw(st.booleans()):
+        inputs.append({"name": "attention_mask", "dtype": "int32", "shape": ["batch", "seq"]})
+    layer = {"name": "l", "kind": kind, "config": config, "file": "l.msgpack", "tensors": tensors}
+    return BASE_MANIFEST | {"inputs": inputs, "layers": [layer], "metadata": {}}
+
+
+@fuzz_settings(25)
+@given(one_layer_manifests())
+def test_layer_configs_while_costing(data: dict[str, Any]) -> None:
+    """Layer code that trips over a config or shape is a one-line error, not a traceback."""
+    from edgemind.errors import InputError
+    from edgemind.layers.cost import cost_table
+
+    def cost() -> None:
+        cost_table(manifest_from_json(data), {"batch": 2, "seq": 3})
+
+    check_outcome(cost, (ModelFormatError, InputError))
 
 
 # ---------------------------------------------------------------------------- the CLI

@@ -313,6 +313,11 @@ def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
     where = f"{where} {brief(name)}"
     kind = _req(obj, "kind", str, where)
     config = _req(obj, "config", dict, where)
+    gathered = config.get("gathered", [])  # the convention cost and runtime rely on
+    if not isinstance(gathered, list) or not all(isinstance(n, str) for n in gathered):
+        raise ModelFormatError(
+            f"{where}: config 'gathered' must be a list of tensor names, got {brief(gathered)}"
+        )
     file = check_relative_path(_req(obj, "file", str, where), where)
     tensors = tuple(
         parse_tensor_entry(t, where, alignment) for t in _req(obj, "tensors", list, where)
