@@ -261,6 +261,8 @@ def _fields_from_yaml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             field = _SCHEMA[section][key]
             if field == "arena_capacity_bytes":
                 value = _capacity_from_mb(f"{source}: {section}.{key}", value)
+            elif field in ("enforce", "tiling") and value is False:
+                value = "off"  # YAML 1.1 reads a bare `off` as false
             fields[field] = value
     return fields
 

@@ -127,3 +127,13 @@ def test_shipped_policy_file_loads():
 
     policy = load_policy(Path(__file__).parents[1] / "policy.yaml", env={})
     assert policy == Policy()
+
+
+def test_a_bare_off_in_yaml_means_off(tmp_path):
+    """YAML 1.1 reads `off` as false; for the keys whose value can be "off" it means that."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("model:\n  tiling: off\n  enforce: off\n")
+    policy = load_policy(path, env={})
+    assert (policy.tiling, policy.enforce) == ("off", "off")
+    path.write_text("model:\n  tiling: auto\n")
+    assert load_policy(path, env={}).tiling == "auto"
