@@ -361,3 +361,23 @@ def test_release_keeps_a_runtime_usable(toy_model, reference):
         first = rt.run(x_of(1)).output
         rt.release()
         np.testing.assert_array_equal(rt.run(x_of(1)).output, first)
+
+
+def test_corruption_at_rest_is_caught_by_default(toy_model, tmp_path):
+    """A payload byte flipped before the runtime opens the file: the default policy
+    (verify_checksums: false) still checks each tensor's crc32 on its first read."""
+    from edgemind.errors import ChecksumError
+
+    model = shutil.copytree(toy_model, tmp_path / "toy")
+    with Runtime.open(model) as rt:
+        spec = rt.manifest.layers[2]
+        tensor = spec.tensor("w")
+        victim = model / spec.file
+        with open(victim, "r+b") as f:  # same size, same inode: only the crc can tell
+            f.seek(tensor.offset_bytes + 100)
+            byte = f.read(1)
+            f.seek(tensor.offset_bytes + 100)
+            f.write(bytes([byte[0] ^ 0x40]))
+        assert rt.policy.verify_checksums is False
+        with pytest.raises(ChecksumError, match="L2"):
+            rt.run(x_of(1))

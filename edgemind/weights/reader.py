@@ -285,6 +285,7 @@ class LayerFile:
                 f"({exc.strerror})"
             ) from None
         self._direct_fd: int | None = None
+        self._checked: set[str] = set()  # tensors whose checksum this open file checked
         try:
             _read_header(self._file, self.where, layer)
             self._identity = _identity(self._file.fileno())
@@ -307,7 +308,13 @@ class LayerFile:
             self._direct_fd = None
 
     def read_into(self, dests: Mapping[str, Buffer], *, verify: bool = False) -> int:
-        """Read the named tensors into ``dests`` (see :func:`read_tensors_into`)."""
+        """Read the named tensors into ``dests`` (see :func:`read_tensors_into`).
+
+        Each tensor's checksum is checked the first time this open file reads it, and on
+        every read with ``verify=True``: corruption at rest is caught by default, at the
+        cost of one crc32 pass over the bytes a first request reads anyway; later reads
+        rely on the file being unchanged since (the ``fstat`` identity check).
+        """
         self._check_unchanged()
         specs = [(self.layer.tensor(name), dest) for name, dest in dests.items()]
         total = 0
@@ -320,8 +327,9 @@ class LayerFile:
             else:
                 view = _dest_bytes(dest, spec.nbytes, spec.dtype, what)
                 total += _pread_full(self._file, [view], spec.offset_bytes, what)
-            if verify:
+            if verify or spec.name not in self._checked:
                 _check_crc(view, spec, self.where, self.layer)
+                self._checked.add(spec.name)
         return total
 
     def read_range_into(self, tensor_name: str, start_bytes: int, dest: Buffer) -> int:
@@ -396,7 +404,8 @@ def read_tensors_into(
     model never fills RAM as cached file pages. Each destination must then start on a
     4 KiB boundary and hold :func:`direct_read_nbytes` bytes (whole blocks); the bytes
     past the tensor's end are scratch. To read a layer many times, keep a
-    :class:`LayerFile` open instead.
+    :class:`LayerFile` open instead. Every tensor read here is crc32-checked (a first
+    read of a freshly opened file always is; see :meth:`LayerFile.read_into`).
     """
     with LayerFile(model_dir, layer, direct=direct) as f:
         return f.read_into(dests, verify=verify)
