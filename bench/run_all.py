@@ -18,7 +18,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run_all.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_memory, bench_minilm, bench_planner, bench_runtime, bound_grid, stress
+from bench import (
+    bench_integrity,
+    bench_memory,
+    bench_minilm,
+    bench_planner,
+    bench_runtime,
+    bound_grid,
+    stress,
+)
 from bench.common import REPO, machine, run_child, table, verdict
 from bench.synthetic import cached_synthetic
 
@@ -118,6 +126,7 @@ def render(quick: bool) -> str:
     cases = speed_cases(quick)
     planner = planner_table(quick)
     minilm = bench_minilm.run(quick)
+    integrity = bench_integrity.integrity_table(bench_memory.toy_dir(), 3 if quick else 7)
     cfg = stress.QUICK if quick else stress.FULL
     stress_rows = stress.stress(cfg)
     spent = time.perf_counter() - started
@@ -145,6 +154,12 @@ def render(quick: bool) -> str:
         bench_runtime.layer_table(cases[0]),
         "## MiniLM: latency per sentence, streamed against all in memory",
         minilm.get("table") or f"Skipped: {minilm.get('skipped')}.",
+        "## Integrity: the crc32 of a first read, on by default",
+        "Each tensor's crc32 is checked the first time an opened weight file reads it (the "
+        "first request after a model is opened or re-planned); later reads rely on the "
+        "file's unchanged `fstat` identity. The first request pays the extra over a plain "
+        "read of the whole toy model from the page cache (medians, alternating runs):",
+        integrity,
         "## Planner: random chain models (bench/bench_planner.py's `random_chain`)",
         planner_table_note(),
         planner,
