@@ -108,11 +108,12 @@ def _header_obj(**changes: object) -> dict:
     ("changes", "message"),
     [
         ({"magic": "safetensors"}, "magic is 'safetensors', expected 'edgemind-weights'"),
-        ({"format_version": 9}, "format_version is 9, this edgemind reads version 1"),
+        ({"format_version": 9}, "format_version is 9, this edgemind reads versions 1, 2"),
         ({"alignment_bytes": 100}, "alignment_bytes 100"),
         ({"nbytes": 12}, "tensor 'w': nbytes is 12, expected 16 for shape \\[2, 2\\]"),
         ({"shape": [2, 3]}, "tensor 'w': nbytes is 16, expected 24"),
-        ({"dtype": "complex64"}, "unknown dtype"),
+        ({"storage": "complex64"}, "unknown storage type 'complex64'"),
+        ({"storage": "q8_0"}, "q8_0"),  # blocks of 32 do not fit rows of 2
         ({"offset": 100}, "tensor 'w': payload offset 100 must be 64-aligned"),
         ({"offset": 0}, "payload offset 0"),
         ({"crc32": "ABCDEF01"}, "8 lowercase hex"),

@@ -219,9 +219,9 @@ def _edit_manifest(out: Path, edit) -> None:  # type: ignore[no-untyped-def]
 
 def test_unknown_manifest_version(model: tuple) -> None:
     out, _ = model
-    _edit_manifest(out, lambda d: d.update(format_version=2))
+    _edit_manifest(out, lambda d: d.update(format_version=3))
     with pytest.raises(
-        ModelFormatError, match=r"format_version is 2, this edgemind reads version 1"
+        ModelFormatError, match=r"format_version is 3, this edgemind reads versions 1, 2"
     ):
         load_manifest(out)
 

@@ -199,7 +199,7 @@ def test_layer_validation(tmp_path: Path) -> None:
 def test_manifest_written_is_what_the_reader_parses(tmp_path: Path) -> None:
     _write(tmp_path / "m")
     data = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert data["format"] == "edgemind-model" and data["format_version"] == 1
+    assert data["format"] == "edgemind-model" and data["format_version"] == 2
     assert load_manifest(tmp_path / "m").to_json() == data
 
 

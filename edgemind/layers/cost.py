@@ -75,12 +75,14 @@ def param_structs(spec: LayerSpec, gather_rows: int = 0) -> dict[str, jax.ShapeD
     """The shape/dtype of each tensor as ``apply`` receives it for one request.
 
     A gathered tensor holds ``gather_rows`` rows (one per id of the chain input); every
-    other tensor is whole.
+    other tensor is whole. A block-quantized tensor arrives as its raw blocks: uint8
+    rows of whole blocks (``TensorSpec.array_shape``); the kind knows its storage type.
     """
     gathered = gathered_tensors(spec)
     return {
         t.name: jax.ShapeDtypeStruct(
-            (gather_rows, *t.shape[1:]) if t.name in gathered else t.shape, jnp.dtype(t.dtype)
+            (gather_rows, *t.array_shape[1:]) if t.name in gathered else t.array_shape,
+            jnp.dtype(t.dtype),
         )
         for t in spec.tensors
     }

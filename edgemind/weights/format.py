@@ -10,13 +10,13 @@ layouts and packs and validates headers, and does no I/O. docs/format.md is the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from edgemind.dtypes import nbytes as storage_nbytes
 from edgemind.errors import ModelFormatError, brief
 from edgemind.units import align_up
 from edgemind.weights.manifest import (
@@ -25,12 +25,12 @@ from edgemind.weights.manifest import (
     LayerSpec,
     TensorSpec,
     check_alignment,
-    dtype_itemsize,
     parse_tensor_entry,
 )
 
 WEIGHTS_MAGIC = "edgemind-weights"
-WEIGHTS_FORMAT_VERSION = 1
+WEIGHTS_FORMAT_VERSION = 2  # 2: tensors name a storage type (see edgemind.dtypes)
+READABLE_WEIGHTS_VERSIONS = (1, 2)
 PAD_EXT_TYPE = 1  # msgpack ext type of padding objects
 BIN32_HEADER_BYTES = 5  # 0xc6 + 4-byte big-endian length
 MAX_PAYLOAD_BYTES = MAX_TENSOR_BYTES  # the largest bin32 object
@@ -149,7 +149,7 @@ def pack_header(layer: str, alignment_bytes: int, tensors: Sequence[TensorSpec])
 def plan_layout(
     layer: str, alignment_bytes: int, tensors: Sequence[tuple[str, str, tuple[int, ...]]]
 ) -> WeightFileHeader:
-    """Place ``(name, dtype, shape)`` tensors in a file, checksums left as placeholders.
+    """Place ``(name, storage, shape)`` tensors in a file, checksums left as placeholders.
 
     Offsets depend on the header's length and the header's length on the offsets, so
     the layout is iterated to its least fixed point (both only grow, so it converges).
@@ -165,7 +165,9 @@ def plan_layout(
         specs = []
         end = header_nbytes
         for name, dtype, shape in tensors:
-            nbytes = math.prod(shape) * dtype_itemsize(dtype)
+            nbytes = storage_nbytes(
+                dtype, shape, where=f"layer {brief(layer)}, tensor {brief(name)}"
+            )
             if nbytes > MAX_PAYLOAD_BYTES:
                 raise ModelFormatError(
                     f"layer {brief(layer)}, tensor {brief(name)}: {nbytes} bytes exceed one "
@@ -215,10 +217,11 @@ def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeade
             f"{brief(WEIGHTS_MAGIC)}; convert the model again"
         )
     version = obj.get("format_version")
-    if version != WEIGHTS_FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_WEIGHTS_VERSIONS:
         raise ModelFormatError(
-            f"{where}: weight format_version is {brief(version)}, this edgemind reads version "
-            f"{WEIGHTS_FORMAT_VERSION}; convert the model again or upgrade edgemind"
+            f"{where}: weight format_version is {brief(version)}, this edgemind reads versions "
+            f"{', '.join(map(str, READABLE_WEIGHTS_VERSIONS))}; convert the model again or "
+            "upgrade edgemind"
         )
     layer = _field(obj, "layer", str, where)
     alignment = check_alignment(_field(obj, "alignment_bytes", int, where), where)
@@ -252,7 +255,7 @@ def check_header_matches(header: WeightFileHeader, expected: LayerSpec, where: s
             f"{wanted}; {hint}"
         )
     for got, want in zip(header.tensors, expected.tensors, strict=True):
-        for field in ("dtype", "shape", "nbytes", "offset_bytes", "crc32"):
+        for field in ("storage", "shape", "nbytes", "offset_bytes", "crc32"):
             a, b = getattr(got, field), getattr(want, field)
             if a != b:
                 raise ModelFormatError(

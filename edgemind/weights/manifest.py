@@ -20,13 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from edgemind.dtypes import STORAGE_TYPES, row_nbytes, storage_type
+from edgemind.dtypes import nbytes as storage_nbytes
 from edgemind.errors import InputError, ModelFormatError, brief
 from edgemind.files import read_bounded
 from edgemind.units import MAX_ARRAY_BYTES, format_bytes
 
 MANIFEST_NAME = "manifest.json"
 MODEL_FORMAT = "edgemind-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: tensors name a storage type (dense or block-quantized)
+READABLE_MODEL_VERSIONS = (1, 2)  # 1: tensors name a dense "dtype"
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "int8", "uint8")
 MAX_TENSOR_BYTES = 2**32 - 1  # one payload is one msgpack bin32 object
 MAX_OFFSET_BYTES = 2**62  # far past any file, and still an off_t
@@ -45,19 +48,41 @@ def dtype_itemsize(dtype: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a layer, and where its payload lies in the layer's weight file."""
+    """One tensor of a layer, and where its payload lies in the layer's weight file.
+
+    ``storage`` names an :mod:`edgemind.dtypes` storage type: a dense dtype, or a
+    block-quantized type whose ``shape`` is the logical (dequantized) shape and whose
+    payload is raw blocks (``array_shape`` uint8 rows, blocks along the last axis).
+    """
 
     name: str
-    dtype: str
+    storage: str
     shape: tuple[int, ...]
     nbytes: int
     offset_bytes: int  # payload start inside the layer's file, aligned
     crc32: str  # 8 lowercase hex digits, zlib.crc32 of the payload
 
+    @property
+    def quantized(self) -> bool:
+        return storage_type(self.storage).quantized
+
+    @property
+    def dtype(self) -> str:
+        """The NumPy dtype of the payload as an array: the storage's, uint8 for blocks."""
+        return "uint8" if self.quantized else self.storage
+
+    @property
+    def array_shape(self) -> tuple[int, ...]:
+        """The payload's shape as an array of ``dtype``: the logical shape, or for blocks
+        ``(*shape[:-1], bytes per row)``."""
+        if not self.quantized or not self.shape:
+            return self.shape
+        return (*self.shape[:-1], row_nbytes(self.storage, self.shape[-1]))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "dtype": self.dtype,
+            "storage": self.storage,
             "shape": list(self.shape),
             "nbytes": self.nbytes,
             "offset": self.offset_bytes,
@@ -148,7 +173,7 @@ class Manifest:
     inputs: tuple[InputSpec, ...]
     layers: tuple[LayerSpec, ...]
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-    format_version: int = MODEL_FORMAT_VERSION
+    format_version: int = MODEL_FORMAT_VERSION  # the version read (older ones are accepted)
 
     @property
     def nbytes(self) -> int:
@@ -174,7 +199,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": MODEL_FORMAT,
-            "format_version": self.format_version,
+            "format_version": MODEL_FORMAT_VERSION,  # entries are written in its form
             "model_name": self.model_name,
             "alignment_bytes": self.alignment_bytes,
             "inputs": [i.to_json() for i in self.inputs],
@@ -273,9 +298,19 @@ def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
     """Validate one tensor entry (manifest or weight-file header) into a TensorSpec."""
     name = _req(obj, "name", str, where)
     where = f"{where}, tensor {brief(name)}"
-    dtype = _req(obj, "dtype", str, where)
-    if dtype not in DTYPES:
-        raise ModelFormatError(f"{where}: unknown dtype {brief(dtype)}; expected one of {DTYPES}")
+    if "storage" in obj:  # format version 2
+        storage = _req(obj, "storage", str, where)
+        if storage not in STORAGE_TYPES:
+            raise ModelFormatError(
+                f"{where}: unknown storage type {brief(storage)}; expected one of "
+                f"{', '.join(STORAGE_TYPES)}"
+            )
+    else:  # version 1: a dense dtype
+        storage = _req(obj, "dtype", str, where)
+        if storage not in DTYPES:
+            raise ModelFormatError(
+                f"{where}: unknown dtype {brief(storage)}; expected one of {DTYPES}"
+            )
     shape = tuple(_req(obj, "shape", list, where))
     if len(shape) > MAX_NDIM or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_BYTES for d in shape
@@ -285,11 +320,11 @@ def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
             f"from 0 to {MAX_TENSOR_BYTES}"
         )
     nbytes = _req(obj, "nbytes", int, where)
-    expected = math.prod(shape) * dtype_itemsize(dtype)
+    expected = storage_nbytes(storage, shape, where=where)  # blocks: whole ones per row
     if nbytes != expected:
         raise ModelFormatError(
             f"{where}: nbytes is {brief(nbytes)}, expected {expected} for shape {list(shape)} "
-            f"of {dtype}"
+            f"of {storage}"
         )
     if nbytes > MAX_TENSOR_BYTES:
         raise ModelFormatError(
@@ -305,7 +340,7 @@ def parse_tensor_entry(obj: Any, where: str, alignment: int) -> TensorSpec:
     crc = _req(obj, "crc32", str, where)
     if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
         raise ModelFormatError(f"{where}: crc32 {brief(crc)} must be 8 lowercase hex digits")
-    return TensorSpec(name, dtype, shape, nbytes, offset, crc)  # type: ignore[arg-type]
+    return TensorSpec(name, storage, shape, nbytes, offset, crc)  # type: ignore[arg-type]
 
 
 def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
@@ -387,10 +422,11 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     if fmt != MODEL_FORMAT:
         raise ModelFormatError(f"{where}: format is {brief(fmt)}, expected {brief(MODEL_FORMAT)}")
     version = data.get("format_version")
-    if version != MODEL_FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_MODEL_VERSIONS:
         raise ModelFormatError(
-            f"{where}: format_version is {brief(version)}, this edgemind reads version "
-            f"{MODEL_FORMAT_VERSION}; convert the model again or upgrade edgemind"
+            f"{where}: format_version is {brief(version)}, this edgemind reads versions "
+            f"{', '.join(map(str, READABLE_MODEL_VERSIONS))}; convert the model again or "
+            "upgrade edgemind"
         )
     check_depth(data, where)
     name = _req(data, "model_name", str, where)
@@ -425,6 +461,7 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
         inputs=inputs,
         layers=layers,
         metadata=MappingProxyType(dict(metadata)),
+        format_version=version,  # as found; to_json writes the current version
     )
 
 
