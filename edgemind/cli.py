@@ -118,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="recompute every checksum")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
-    convert = sub.add_parser("convert", help="convert a safetensors checkpoint (BERT encoders)")
-    convert.add_argument("src", metavar="CHECKPOINT_DIR", help="config.json + *.safetensors")
+    convert = sub.add_parser(
+        "convert", help="convert a safetensors checkpoint (BERT encoders) or a GGUF file"
+    )
+    convert.add_argument(
+        "src", metavar="CHECKPOINT", help="a folder with config.json + *.safetensors, or a .gguf"
+    )
     convert.add_argument("out", metavar="MODEL_DIR", help="the edgemind model directory to write")
     convert.add_argument("--name", help="model name (default: the checkpoint folder's name)")
     convert.add_argument(
@@ -283,9 +287,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from edgemind.units import format_bytes
     from edgemind.weights.convert import convert_safetensors
+    from edgemind.weights.gguf_source import convert_gguf
     from edgemind.weights.manifest import load_manifest
 
-    out = convert_safetensors(
+    convert = convert_gguf if str(args.src).lower().endswith(".gguf") else convert_safetensors
+    out = convert(
         args.src,
         args.out,
         alignment_bytes=args.alignment_bytes,
@@ -293,9 +299,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         model_name=args.name,
     )
     manifest = load_manifest(out)
+    shared = sum(t.nbytes for layer in manifest.layers if layer.shares for t in layer.tensors)
     print(
         f"converted {args.src} -> {out}: {manifest.model_name}, {len(manifest.layers)} layers, "
-        f"{manifest.num_levels} exit levels, {format_bytes(manifest.nbytes)}"
+        f"{manifest.num_levels} exit levels, {format_bytes(manifest.nbytes - shared)} stored"
     )
     return EXIT_OK
 

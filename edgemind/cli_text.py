@@ -12,7 +12,7 @@ from typing import Any
 from edgemind.planner.plan import Plan
 from edgemind.policy import Policy
 from edgemind.units import format_bytes
-from edgemind.weights.manifest import Manifest
+from edgemind.weights.manifest import Manifest, TensorSpec
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -46,7 +46,7 @@ def format_manifest(manifest: Manifest, *, verified: bool = False) -> str:
     rows = []
     levels = {i: lv for lv, i in manifest.exit_levels()}
     for i, layer in enumerate(manifest.layers):
-        tensors = ", ".join(f"{t.name}{list(t.shape)}" for t in layer.tensors)
+        tensors = ", ".join(_tensor_label(t) for t in layer.tensors)
         exit_note = f"exit {levels[i]}" if i in levels else ""
         rows.append(
             (str(i), layer.name, layer.kind, format_bytes(layer.nbytes), exit_note, tensors)
@@ -60,7 +60,7 @@ def format_manifest(manifest: Manifest, *, verified: bool = False) -> str:
                     head.kind,
                     format_bytes(head.nbytes),
                     "head",
-                    ", ".join(f"{t.name}{list(t.shape)}" for t in head.tensors),
+                    ", ".join(_tensor_label(t) for t in head.tensors),
                 )
             )
     inputs = ", ".join(f"{i.name} {i.dtype}{list(i.shape)}" for i in manifest.inputs)
@@ -77,6 +77,11 @@ def format_manifest(manifest: Manifest, *, verified: bool = False) -> str:
     if verified:
         lines.append("checksums: all payloads verified")
     return "\n".join(lines)
+
+
+def _tensor_label(t: TensorSpec) -> str:
+    """``name[shape] storage bytes``: what the tensor is and what it costs to read."""
+    return f"{t.name}{list(t.shape)} {t.storage} {format_bytes(t.nbytes)}"
 
 
 # ---------------------------------------------------------------------------- plans

