@@ -368,19 +368,31 @@ def make_plan(
         # Tiles when the whole units do not fit: the deepest prefetch that fits with any
         # tiling (streaming in tiles is fast only when reads overlap compute), then the
         # largest tiles at that depth. They always count towards the smallest capacity.
-        tiled = [
-            [build(complete, d, frozenset(), tiles) for d in range(top, -1, -1)]
-            for tiles in tile_ladder(complete)
+        ladder = tile_ladder(complete)
+        tiled = [  # per tiling, its layouts from its deepest prefetch down to none
+            [
+                build(complete, d, frozenset(), tiles)
+                for d in range(_tiled_depth(policy, complete, tiles), -1, -1)
+            ]
+            for tiles in ladder
         ]
+        deepest_tiled = max(len(row) - 1 for row in tiled)
         finest = min(tiled, key=lambda row: min(lay.peak_bytes for lay in row), default=None)
         if finest is not None and min(lay.peak_bytes for lay in finest) < min_capacity:
             min_capacity = min(lay.peak_bytes for lay in finest)
             candidates = sorted(finest, key=lambda lay: -lay.peak_bytes)  # witness: its least
-        by_depth = [(row[i], row[0]) for i in range(top + 1) for row in tiled]
+        by_depth = [
+            (row[len(row) - 1 - d], row[0])
+            for d in range(deepest_tiled, -1, -1)
+            for row in tiled
+            if d < len(row)
+        ]
         fits = [(lay, deepest) for lay, deepest in by_depth if lay.peak_bytes <= capacity]
         if chosen is None and fits:
             chosen, deepest = fits[0]
             chosen = _untile(chosen, capacity, build)
+            # the whole units' depth cap does not bind tiles, which are runs of their own
+            notes[:] = [n for n in notes if not n.startswith("prefetch_depth ")]
             notes.append(_tiles_note(chosen))
     status: Status = "feasible"
     level: int | None = costs.num_levels
@@ -569,6 +581,13 @@ def tile_ladder(units: Sequence[UnitCost]) -> list[dict[int, Tiles]]:
         if finest or budget <= 1:
             return ladder
         budget //= 2
+
+
+def _tiled_depth(policy: Policy, units: Sequence[UnitCost], tiles: Mapping[int, Tiles]) -> int:
+    """The deepest useful prefetch with these tiles: tiles are runs of their own, so even
+    a one-unit model (an LM head) reads its next tile while one runs."""
+    runs = len(units) - len(tiles) + sum(len(ranges) for ranges in tiles.values())
+    return min(policy.prefetch_depth, runs - 1)
 
 
 def _untile(lay: _Layout, capacity: int, build: _Build) -> _Layout:
