@@ -8,6 +8,7 @@ arena, overlapping a live one, a size the plan does not know) stops the request.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import numpy as np
 
@@ -59,6 +60,12 @@ class Arena:
             raise RuntimeError("the arena has been released")
         return self._memory
 
+    def touch(self) -> None:
+        """Write every page once, so the whole arena is resident from now on: requests
+        then take no page faults in it (the first read into fresh pages was 7x slower),
+        and RSS moves during a request only by what XLA allocates."""
+        self.memory[:: resource_page_size()] = 0
+
     def reserve(self, buffer: Buffer, step: int) -> Reservation:
         """Record ``buffer`` as live; refuse anything the plan could not have made."""
         offset = buffer.offset_bytes
@@ -109,3 +116,8 @@ class Arena:
         self._live.clear()
         self.live_bytes = 0
         self._memory = None
+
+
+def resource_page_size() -> int:
+    """The machine's memory page size (4 KiB here; larger on some ARM kernels)."""
+    return mmap.PAGESIZE

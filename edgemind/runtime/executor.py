@@ -87,7 +87,6 @@ class Executor:
             ) from None
         self._files: dict[str, LayerFile] = {}  # open weight files, by unit
         self._param_views: dict[int, dict[str, np.ndarray]] = {}  # by weights buffer
-        self._touched: set[int] = set()  # buffers a finished request wrote: pages resident
 
     # ------------------------------------------------------------------ loading
 
@@ -206,9 +205,7 @@ class Executor:
                 if step.action == "run":
                     if step.weights in pending:
                         _add(loads, step.layer, pending.pop(step.weights).result())
-                    # reads into slots a past request filled touch no new pages
-                    loading = sum(plan.buffers[b].nbytes for b in pending if b not in self._touched)
-                    seconds, output = self._run_step(step, ctx, acts, loading)
+                    seconds, output = self._run_step(step, ctx, acts)
                     compute[step.layer] = compute.get(step.layer, 0.0) + seconds  # tiles add up
                     if after_run is not None:
                         after_run(step.index, step.layer)
@@ -228,7 +225,6 @@ class Executor:
             self._drain(pending)
             self.close()
             raise
-        self._touched.update(b.id for b in plan.buffers if b.offset_bytes is not None)
         timings = tuple(
             LayerTiming(
                 u, loads.get(u, (0.0, 0))[0], compute.get(u, 0.0), loads.get(u, (0.0, 0))[1]
@@ -275,17 +271,15 @@ class Executor:
         dtype, shape = acts[bid]
         return self._view(self.plan.buffers[bid].offset_bytes or 0, dtype, shape)
 
-    def _run_step(self, step, ctx, acts, loading_bytes: int) -> tuple[float, np.ndarray | None]:
+    def _run_step(self, step, ctx, acts) -> tuple[float, np.ndarray | None]:
         """Run one unit; wait until XLA has given back its working set (see
-        :func:`settle_rss`) so the next unit's never overlaps it. ``loading_bytes``: arena
-        bytes that background reads may touch meanwhile (first touches raise RSS)."""
+        :func:`settle_rss`) so the next unit's never overlaps it."""
         before = sample_rss()
         seconds, result = self._call_unit(step, ctx, acts)
         if before is not None:
-            grows = loading_bytes + SETTLE_SLACK_BYTES
-            if step.output is not None and step.output not in self._touched:
-                grows += self.plan.buffers[step.output].nbytes
-            settle_rss(before.rss_bytes + grows)
+            # the runtime touched the whole arena up front: reads and output copies do
+            # not grow RSS, so what is above ``before`` is XLA's, on its way back
+            settle_rss(before.rss_bytes + SETTLE_SLACK_BYTES)
         return seconds, result
 
     def _call_unit(self, step, ctx, acts) -> tuple[float, np.ndarray | None]:

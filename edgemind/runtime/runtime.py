@@ -314,6 +314,8 @@ class Runtime:
         # a plan loaded from a file) and before the arena's pages are touched (np.empty
         # maps them lazily): model memory is what rises above it.
         self._meter = PeakRssMeter()
+        assert self._executor.arena is not None
+        self._executor.arena.touch()  # counted above the baseline: it is model memory
         return self._executor
 
     def release(self) -> None:
