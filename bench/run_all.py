@@ -23,6 +23,7 @@ from bench import (
     bench_memory,
     bench_minilm,
     bench_planner,
+    bench_quantized_minilm,
     bench_runtime,
     bound_grid,
     stress,
@@ -127,6 +128,10 @@ def render(quick: bool) -> str:
     planner = planner_table(quick)
     minilm = bench_minilm.run(quick)
     integrity = bench_integrity.integrity_table(bench_memory.toy_dir(), 3 if quick else 7)
+    try:
+        quantized = bench_quantized_minilm.quant_table(3 if quick else 7)
+    except RuntimeError as exc:  # MiniLM or its extras are not installed
+        quantized = f"Skipped: {exc}."
     cfg = stress.QUICK if quick else stress.FULL
     stress_rows = stress.stress(cfg)
     spent = time.perf_counter() - started
@@ -154,6 +159,12 @@ def render(quick: bool) -> str:
         bench_runtime.layer_table(cases[0]),
         "## MiniLM: latency per sentence, streamed against all in memory",
         minilm.get("table") or f"Skipped: {minilm.get('skipped')}.",
+        "## MiniLM quantized at conversion (`edgemind convert --quantize`)",
+        "The encoder blocks' weight matrices as GGUF blocks made by the `gguf` package, "
+        "dequantized inside each layer's jit; embeddings, biases and norms stay float32. "
+        "Cosine against the torch reference vectors (`tests/data`), a 64 MiB arena, the "
+        "same batch of 8 sentences; latencies alternate between the types (medians):",
+        quantized,
         "## Integrity: the crc32 of a first read, on by default",
         "Each tensor's crc32 is checked the first time an opened weight file reads it (the "
         "first request after a model is opened or re-planned); later reads rely on the "

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from edgemind.cli_checks import check_model_dir, check_outputs, ignored_flags
 from edgemind.errors import EdgemindError, MemoryBoundExceeded, MemoryQuotaExceeded, brief
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_EARLY_EXIT, EXIT_INFEASIBLE = 0, 1, 2, 3, 4
@@ -54,7 +55,20 @@ POSITIVE_INT = _number(int, 1, "a positive integer")
 COUNT = _number(int, 0, "an integer >= 0")
 SEED = _number(int, 0, "a seed from 0 to 2**63 - 1")
 SECONDS = _number(float, 0.0, "seconds from 0 to 86400", 86400.0)
-MIB_SIZE = _number(float, 1 / (1 << 20), "a number of MiB from 1 B to 1 PiB", 2.0**30)
+
+
+def ARENA_SIZE(text: str) -> int:  # noqa: N802 (an argparse type, named like the others)
+    """``--arena-mb``: a size in bytes from ``50`` (MiB), ``50MB`` (MB means MiB), ``50MiB``..."""
+    from edgemind.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size from 1 B to 1 PiB such as 50 (MiB), 50MB or 1.5GiB, got "
+            f"{brief(text, 40)}"
+        ) from None
+
 CAPACITY_BYTES = _number(int, 1, "a number of bytes from 1 to 2**50 (1 PiB)", 2**50)
 
 
@@ -71,7 +85,13 @@ def _policy_flags() -> _Parser:
     group = flags.add_argument_group("policy (flags override policy.yaml and the environment)")
     group.add_argument("--policy", metavar="YAML", help="policy file (default: built-in defaults)")
     size = group.add_mutually_exclusive_group()
-    size.add_argument("--arena-mb", type=MIB_SIZE, metavar="MIB", help="arena capacity in MiB")
+    size.add_argument(
+        "--arena-mb",
+        type=ARENA_SIZE,
+        dest="arena_size_bytes",
+        metavar="SIZE",
+        help="arena capacity: 50 (MiB), 50MB, 50MiB or 1.5GiB; MB means MiB",
+    )
     size.add_argument("--arena-bytes", type=CAPACITY_BYTES, metavar="N", help="capacity in bytes")
     group.add_argument(
         "--keep-resident",
@@ -95,8 +115,16 @@ def _policy_flags() -> _Parser:
         choices=("auto", "off"),
         help="auto: run units whose weights do not fit in tiles (row ranges) instead",
     )
-    group.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size (default 1)")
-    group.add_argument("--seq", type=POSITIVE_INT, help="sequence length, for models with one")
+    group.add_argument(
+        "--batch",
+        type=POSITIVE_INT,
+        help="batch size (default 1; refused with --text, where the texts set it)",
+    )
+    group.add_argument(
+        "--seq",
+        type=POSITIVE_INT,
+        help="sequence length, for models with one (refused with --text)",
+    )
     return flags
 
 
@@ -134,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="payload alignment in the weight files (default 4096)",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace MODEL_DIR if present")
+    convert.add_argument(
+        "--quantize",
+        choices=("q8_0", "q5_0", "q4_0"),
+        help="store a safetensors model's weight matrices as GGUF blocks (GGUF keeps its own)",
+    )
 
     plan = sub.add_parser("plan", parents=[_policy_flags()], help="print the memory plan")
     plan.add_argument("model_dir", metavar="MODEL_DIR")
@@ -156,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to embed (repeatable; text models such as MiniLM)",
     )
     source.add_argument("--text-file", metavar="FILE", help="texts to embed, one per line")
-    run.add_argument("--seed", type=SEED, default=0, help="seed for --random-input")
+    run.add_argument(
+        "--seed", type=SEED, help="seed for --random-input (default 0; refused without it)"
+    )
     run.add_argument("--output", metavar="OUT.npy", help="write the output array here")
     run.add_argument("--plan", metavar="PLAN", help="use a plan file made by `edgemind plan`")
     run.add_argument("--repeat", type=POSITIVE_INT, default=1, metavar="N", help="run N requests")
@@ -195,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        ignored = ignored_flags(args)
+        if ignored:
+            parser.error(ignored)
     except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2)
         return int(exc.code or 0)
     commands = {
@@ -206,9 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except MemoryBoundExceeded as exc:  # raised while running, not by the plan
+        _print_failure_json(args, "out_of_memory", exc)
         print(f"edgemind: out of memory: {exc}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
     except MemoryQuotaExceeded as exc:
+        _print_failure_json(args, "rejected", exc)
         print(f"edgemind: rejected: {exc}", file=sys.stderr)
         return EXIT_INFEASIBLE
     except EdgemindError as exc:  # MetricsError, PolicyError, ModelFormatError...
@@ -224,21 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
+def _print_failure_json(args: argparse.Namespace, verdict: str, exc: MemoryQuotaExceeded) -> None:
+    """With ``--json``, a failed request is one JSON object on stdout too (before stderr's line)."""
+    if not getattr(args, "json", False):
+        return
+    from edgemind.cli_text import failure_dict
+
+    print(json.dumps(failure_dict(verdict, str(exc), getattr(exc, "plan", None)), indent=1))
+
+
 # ---------------------------------------------------------------------------- commands
 
 
 def _policy(args: argparse.Namespace) -> Any:
     from edgemind.policy import load_policy
 
-    arena = args.arena_bytes
-    if args.arena_mb is not None:
-        from edgemind.errors import PolicyError
-        from edgemind.units import mib_to_bytes
-
-        try:
-            arena = mib_to_bytes(args.arena_mb)
-        except ValueError as exc:
-            raise PolicyError(f"--arena-mb: {exc}") from None
+    arena = args.arena_bytes if args.arena_size_bytes is None else args.arena_size_bytes
     return load_policy(
         args.policy,
         overrides={
@@ -254,7 +295,7 @@ def _policy(args: argparse.Namespace) -> Any:
 
 
 def _dims(args: argparse.Namespace) -> dict[str, int]:
-    dims = {"batch": args.batch}
+    dims = {"batch": 1 if args.batch is None else args.batch}
     if args.seq is not None:
         dims["seq"] = args.seq
     return dims
@@ -265,6 +306,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from edgemind.weights.manifest import load_manifest
     from edgemind.weights.reader import verify_model
 
+    check_model_dir(args.model_dir)
     manifest = load_manifest(args.model_dir)
     if args.verify:
         problems = verify_model(args.model_dir, manifest)
@@ -285,19 +327,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from edgemind.errors import ConversionError
     from edgemind.units import format_bytes
     from edgemind.weights.convert import convert_safetensors
     from edgemind.weights.gguf_source import convert_gguf
     from edgemind.weights.manifest import load_manifest
 
-    convert = convert_gguf if str(args.src).lower().endswith(".gguf") else convert_safetensors
-    out = convert(
-        args.src,
-        args.out,
-        alignment_bytes=args.alignment_bytes,
-        overwrite=args.overwrite,
-        model_name=args.name,
-    )
+    common = {
+        "alignment_bytes": args.alignment_bytes,
+        "overwrite": args.overwrite,
+        "model_name": args.name,
+    }
+    if str(args.src).lower().endswith(".gguf"):
+        if args.quantize:
+            raise ConversionError("--quantize is for safetensors checkpoints; a GGUF keeps its own")
+        out = convert_gguf(args.src, args.out, **common)
+    else:
+        out = convert_safetensors(args.src, args.out, quantize=args.quantize, **common)
     manifest = load_manifest(out)
     shared = sum(t.nbytes for layer in manifest.layers if layer.shares for t in layer.tensors)
     print(
@@ -313,37 +359,54 @@ def _plan_exit(plan: Any) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from edgemind.cli_text import format_plan, plan_dict
-    from edgemind.planner.planfile import save_plan
     from edgemind.runtime import Runtime
 
+    check_model_dir(args.model_dir)
+    check_outputs(args)
     runtime = Runtime.open(args.model_dir, _policy(args))
     plan = runtime.plan(**_dims(args))
     if args.out:
-        try:
-            save_plan(plan, args.out)
-        except OSError as exc:
-            from edgemind.errors import PlanError
-
-            raise PlanError(
-                f"--out {args.out}: cannot write the plan ({exc.strerror}); choose a writable "
-                "file path"
-            ) from None
+        _save_plan(plan, args.out)
     if args.plot:
         from edgemind.viz import save_timeline
 
         save_timeline(plan, args.plot)
     if args.json:
-        print(json.dumps(plan_dict(plan), indent=1))
+        out = plan_dict(plan)
+        if plan.status == "infeasible":
+            from edgemind.runtime.runtime import quota_message
+
+            out["message"] = quota_message(plan, runtime.policy)
+        print(json.dumps(out, indent=1))
     else:
         print(format_plan(plan, runtime.policy, buffers=args.buffers))
         if args.out:
             print(f"plan written to {args.out}")
+        if args.plot:
+            print(f"timeline written to {args.plot}")
     return _plan_exit(plan)
+
+
+def _save_plan(plan: Any, path: str) -> None:
+    """``save_plan`` (atomic, fsynced), then the mode the umask gives a new file."""
+    import os
+
+    from edgemind.errors import PlanError
+    from edgemind.files import new_file_mode, write_failure
+    from edgemind.planner.planfile import save_plan
+
+    try:
+        save_plan(plan, path)
+        os.chmod(path, new_file_mode())  # save_plan's mkstemp made it 0600
+    except OSError as exc:
+        raise PlanError(f"--out {path}: cannot write the plan ({write_failure(exc)})") from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgemind.cli_run import run_command
 
+    check_model_dir(args.model_dir)
+    check_outputs(args)
     complete = run_command(args, _policy(args), _dims(args))
     return EXIT_OK if complete else EXIT_EARLY_EXIT
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from edgemind.errors import InputError
 from edgemind.layers.attention import BLOCK_ROWS, blocked_attention
+from edgemind.layers.quant import dequantize_params, dequantize_params_numpy
 from edgemind.layers.registry import Context, LayerKind, Params, register
 
 EMBEDDING_TENSORS = (
@@ -145,15 +146,18 @@ def encoder_apply(
     hidden: int = 0,
     intermediate: int = 0,
     attention_block: int = BLOCK_ROWS,
+    storage: Any = (),
 ) -> jax.Array:
     """One post-LN BERT block: (batch, seq, hidden) -> (batch, seq, hidden).
 
     Attention runs a head and ``attention_block`` query rows at a time
     (:func:`edgemind.layers.attention.blocked_attention`), so its temporaries grow
     linearly with the sequence; the numbers are those of whole-matrix attention.
+    ``storage`` names the weights stored as quantized blocks (``edgemind convert
+    --quantize``): they are dequantized here, inside the same jit as the matmuls.
     """
     del hidden, intermediate
-    p = params
+    p = dequantize_params(params, storage)
     batch, seq, width = x.shape
     head_dim = width // heads
 
@@ -222,10 +226,17 @@ def embeddings_reference(params: Params, x: Any, ctx: Context, **config: Any) ->
 
 
 def encoder_reference(
-    params: Params, x: Any, ctx: Context, *, heads: int, eps: float = 1e-12, **_: Any
+    params: Params,
+    x: Any,
+    ctx: Context,
+    *,
+    heads: int,
+    eps: float = 1e-12,
+    storage: Any = (),
+    **_: Any,
 ) -> np.ndarray:  # attention_block changes how, not what: the reference ignores it
     """NumPy ``bert_encoder``: per-head loops, a max-shifted softmax over unmasked keys."""
-    p = {name: _f64(a) for name, a in params.items()}
+    p = {name: _f64(a) for name, a in dequantize_params_numpy(params, storage).items()}
     h0 = _f64(x)
     batch, _, width = h0.shape
     d = width // heads

@@ -26,11 +26,12 @@ other way round, ``ne = [in_features, out_features]``), so a linear layer is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from edgemind import dtypes
 from edgemind.errors import ModelFormatError
@@ -244,3 +245,45 @@ def _by_row_chunks(
     if out_features % rows:
         y = y.at[:, n_full * rows :].set(rows_times_x(blocks[n_full * rows :]))
     return y
+
+
+def storage_map(storage: Any) -> dict[str, str]:
+    """A layer config's ``storage`` (tensor -> storage type) as a dict: configs arrive
+    frozen, so a mapping may come as a tuple of (name, type) pairs."""
+    if isinstance(storage, Mapping):
+        return {str(k): str(v) for k, v in storage.items()}
+    return {str(k): str(v) for k, v in storage}
+
+
+def logical_shape(type_name: str, stored_shape: Sequence[int]) -> tuple[int, ...]:
+    """The dequantized shape of blocks stored as uint8 rows ``(..., bytes per row)``."""
+    t = dtypes.storage_type(type_name)
+    *rows, row_bytes = stored_shape
+    return (*rows, row_bytes // t.block_bytes * t.block_elements)
+
+
+def dequantize_params(params: Mapping[str, Any], storage: Any) -> dict[str, Any]:
+    """``params`` with every tensor that ``storage`` names dequantized to float32 (inside
+    the caller's jit); the others as they are."""
+    types = storage_map(storage)
+    out = dict(params)
+    for name, type_name in types.items():
+        if name in out and dtypes.storage_type(type_name).quantized:
+            blocks = out[name]
+            out[name] = dequantize(type_name, blocks, logical_shape(type_name, blocks.shape))
+    return out
+
+
+def dequantize_params_numpy(params: Mapping[str, Any], storage: Any) -> dict[str, Any]:
+    """The NumPy reference of :func:`dequantize_params`: the ``gguf`` package's own
+    dequantizer (bit-identical to ggml's C), an implementation independent of ours."""
+    import gguf
+
+    out = dict(params)
+    for name, type_name in storage_map(storage).items():
+        t = dtypes.storage_type(type_name)
+        if name in out and t.quantized:
+            assert t.gguf_type is not None
+            blocks = np.asarray(out[name], np.uint8)
+            out[name] = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(t.gguf_type))
+    return out

@@ -25,6 +25,7 @@ import numpy as np
 from edgemind.errors import ConversionError
 from edgemind.layers.bert import kind_configs
 from edgemind.weights import InputSpec, ModelWriter, TensorSource
+from edgemind.weights.quantize import QUANTIZERS, quantizable, quantize_array
 
 SUPPORTED_ARCHITECTURES = ("bert",)
 CONFIG_FILE = "config.json"
@@ -271,6 +272,13 @@ def _metadata(src: Path, cfg: Mapping[str, Any], files: list[str], ignored: list
     }
 
 
+def _quantized(
+    name: str, shape: tuple[int, ...], load: Callable[[], np.ndarray], storage: str
+) -> TensorSource:
+    """A source that quantizes the tensor when its turn to be written comes."""
+    return TensorSource(name, storage, shape, lambda: quantize_array(load(), storage))
+
+
 def convert_safetensors(
     src_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -279,11 +287,14 @@ def convert_safetensors(
     overwrite: bool = False,
     progress: bool | None = None,
     model_name: str | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Convert a Hugging Face safetensors checkpoint directory; returns ``out_dir``.
 
     ``progress``: a tqdm bar on stderr (None: only when stderr is a terminal).
-    ``model_name`` defaults to the checkpoint directory's name.
+    ``model_name`` defaults to the checkpoint directory's name. ``quantize`` (``q8_0``,
+    ``q5_0``, ``q4_0``) stores the encoder blocks' weight matrices as GGUF blocks
+    (:mod:`edgemind.weights.quantize`), dequantized inside each layer's jit.
 
     >>> convert_safetensors("no/such/checkpoint", "out")
     Traceback (most recent call last):
@@ -292,6 +303,10 @@ def convert_safetensors(
     """
     from tqdm import tqdm
 
+    if quantize is not None and quantize not in QUANTIZERS:
+        raise ConversionError(
+            f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANTIZERS)}"
+        )
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise ConversionError(f"{src_dir}: checkpoint directory not found")
@@ -320,8 +335,9 @@ def convert_safetensors(
     with (
         tqdm(
             total=total,
-            unit="B",
+            unit="iB",  # with 1024 as the divisor: KiB, MiB, as every summary says
             unit_scale=True,
+            unit_divisor=1024,
             desc=f"converting {src.name}",
             disable=disable,
             leave=False,
@@ -336,15 +352,20 @@ def convert_safetensors(
         ) as writer,
     ):
         for unit, kind, tensors in units:
-            sources = [
-                TensorSource(t.name, STORED_DTYPE, t.shape, ckpt.loader(t, bar.update))
-                for t in tensors
-            ]
+            config = dict(configs[kind])
+            sources = []
+            for t in tensors:
+                load = ckpt.loader(t, bar.update)
+                if quantize and kind == "bert_encoder" and quantizable(t.shape, quantize):
+                    sources.append(_quantized(t.name, t.shape, load, quantize))
+                    config.setdefault("storage", {})[t.name] = quantize
+                else:
+                    sources.append(TensorSource(t.name, STORED_DTYPE, t.shape, load))
             head: tuple[str, str, Mapping[str, Any], list[TensorSource]] | None = None
             if kind == "bert_encoder":
                 index = unit.rsplit("_", 1)[1]
                 head = (f"pool_{index}", "mean_pool_l2", configs["mean_pool_l2"], [])
-            writer.add_layer(unit, kind, configs[kind], sources, exit_head=head)
+            writer.add_layer(unit, kind, config, sources, exit_head=head)
         for name in files:  # committed with the weights: all or nothing
             writer.add_file(name, src / name)
     return out

@@ -521,7 +521,7 @@ def load_layer_arrays(
     arrays = {}
     for spec in layer.tensors:
         flat = aligned_empty(spec.nbytes).view(numpy_dtype(spec.dtype))
-        arrays[spec.name] = flat.reshape(spec.shape)
+        arrays[spec.name] = flat.reshape(spec.array_shape)  # blocks: uint8 rows
     read_tensors_into(model_dir, layer, arrays, verify=verify)
     return arrays
 
