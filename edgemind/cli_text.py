@@ -180,6 +180,14 @@ def format_plan(plan: Plan, policy: Policy | None = None, *, buffers: bool = Fal
         lines.append(
             f"the peak is at step {peak_step.index} ({peak_step.action} {peak_step.layer})"
         )
+    state = [b for b in plan.buffers if b.role == "state"]
+    if state:
+        held = sum(b.nbytes for b in state)
+        lines.append(
+            f"state       {format_bytes(held):>12}  kept across requests at offsets 0.."
+            f"{held} ({len(state)} units: {', '.join(b.layer for b in state[:4])}"
+            f"{', ...' if len(state) > 4 else ''})"
+        )
     lines += [f"note: {n}" for n in plan.notes]
     if buffers:
         brows = [

@@ -47,6 +47,7 @@ ROLE_STYLE: dict[str, tuple[str, str]] = {
     "prefetch": ("prefetched weights (read during the previous run)", "#E69F00"),
     "activation": ("activations", "#009E73"),
     "accumulator": ("accumulator (output of a tiled unit)", "#56B4E9"),
+    "state": ("state (kept across requests: a KV cache)", "#000000"),
     "working_set": ("XLA working set (outside arena)", "#7F7F7F"),
 }
 CAPACITY_COLOR = "#D55E00"
@@ -303,6 +304,7 @@ _LEGEND_ORDER = (
     _LOADING_LABEL,
     ROLE_STYLE["activation"][0],
     ROLE_STYLE["accumulator"][0],
+    ROLE_STYLE["state"][0],
     "XLA",
     "arena",
     "lower bound",

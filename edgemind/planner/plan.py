@@ -13,8 +13,11 @@ from typing import Literal
 # Buffer roles. "working_set" buffers are allocated by XLA, not placed in the arena:
 # their offset is None, but they count against the capacity while alive.
 # "accumulator": the output of a unit run in tiles, alive from its first tile to its reader.
-Role = Literal["weights", "prefetch", "pinned", "activation", "accumulator", "working_set"]
+# "state": what a unit keeps across steps and the requests of a session (a KV cache):
+# placed first, from offset 0, alive at every step, the same offsets in every plan.
+Role = Literal["state", "weights", "prefetch", "pinned", "activation", "accumulator", "working_set"]
 ROLES: tuple[str, ...] = (
+    "state",
     "weights",
     "prefetch",
     "pinned",
@@ -56,6 +59,7 @@ class UnitCost:
     pinnable: bool = True  # False when its weights depend on the request (gathered rows)
     working_set_source: WorkingSetSource = "analysis"
     tiling: Tiling | None = None  # None: the unit's weights are loaded whole
+    state_bytes: int = 0  # kept across steps and requests of a session (a KV cache)
 
     @property
     def weight_bytes(self) -> int:

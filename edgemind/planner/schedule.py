@@ -182,6 +182,7 @@ def _layout(
     align: int,
     tiles: Mapping[int, Tiles] | None = None,
     tile_ws: Mapping[tuple[str, int], int] | None = None,
+    state: Sequence[tuple[str, int]] = (),
 ) -> _Layout:
     """Buffers and steps of a chain; ``tiles`` splits units into row ranges.
 
@@ -209,6 +210,8 @@ def _layout(
     lay = _Layout(
         units, depth, pinned, tiles, runs, steps, [], [], [], [], [], [], [], [], [], [], []
     )
+    for name, nbytes in state:  # every unit's, whatever level runs: offsets never move
+        lay.add("state", name, align_up(nbytes, align), 0, end, -1)
     if context_bytes > 0:
         lay.add("activation", "context", align_up(context_bytes, align), 0, end, -1)
     pin_buffer = {
@@ -252,20 +255,27 @@ def _layout(
 
 
 def _place(lay: _Layout) -> None:
-    """Offsets by the better of two strategies, then the live bytes of every step."""
-    arena = [i for i, role in enumerate(lay.role) if role != "working_set"]
+    """State first, from offset 0 in unit order (so every plan of a model puts it at the
+    same offsets); the rest above it by the better of two strategies; then the live
+    bytes of every step."""
+    base = 0
+    lay.offsets = [None] * len(lay.role)
+    for i, role in enumerate(lay.role):
+        if role == "state":
+            lay.offsets[i] = base
+            base += lay.nbytes[i]
+    arena = [i for i, role in enumerate(lay.role) if role not in ("working_set", "state")]
     first, last, nbytes = lay.first, lay.last, lay.nbytes
     # Buffers born at alternate steps go on alternate sides (ping-pong): on a chain whose
     # buffers overlap only their neighbours (prefetch depth 1) that reaches the bound.
     requests = [Request(nbytes[i], first[i], last[i], first[i] % 2) for i in arena]
     placement = TwoSided().place(requests)
     _sweep_live(lay)
-    if placement.extent_bytes > max(lay.arena_live, default=0):
+    if base + placement.extent_bytes > max(lay.arena_live, default=0):
         placement = min(placement, GreedyBySize().place(requests), key=lambda p: p.extent_bytes)
-    lay.offsets = [None] * len(lay.role)
     for i, offset in zip(arena, placement.offsets, strict=True):
-        lay.offsets[i] = offset
-    lay.arena_bytes = placement.extent_bytes
+        lay.offsets[i] = base + offset
+    lay.arena_bytes = base + placement.extent_bytes
 
 
 def _sweep_live(lay: _Layout) -> None:
@@ -296,7 +306,7 @@ def validate_costs(costs: CostTable) -> None:
         _check_size(where, field, getattr(costs, field))
     heads = [e.head for e in costs.exits if e.head is not None]
     for unit in (*costs.layers, *heads):
-        for field in ("output_bytes", "working_set_bytes"):
+        for field in ("output_bytes", "working_set_bytes", "state_bytes"):
             _check_size(f"{where}, unit {unit.name!r}", field, getattr(unit, field))
         for name, nbytes in unit.tensors:
             _check_size(f"{where}, unit {unit.name!r}", f"tensor {name!r}", nbytes)
@@ -340,6 +350,8 @@ def make_plan(
     notes: list[str] = []
 
     tile_ws = {(unit, rows): nbytes for unit, rows, nbytes in costs.tile_working_sets}
+    heads = [e.head for e in costs.exits if e.head is not None]
+    state = [(u.name, u.state_bytes) for u in (*costs.layers, *heads) if u.state_bytes > 0]
 
     def build(
         units: Sequence[UnitCost],
@@ -356,6 +368,7 @@ def make_plan(
             policy.buffer_alignment_bytes,
             tiles,
             tile_ws,
+            state,
         )
 
     complete = chain_units(costs, costs.num_levels)

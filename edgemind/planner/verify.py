@@ -39,6 +39,7 @@ def verify_plan(plan: Plan, costs: CostTable | None = None) -> list[str]:
     problems += _overlaps(plan)
     problems += _live_bytes(plan)
     problems += _runs(plan)
+    problems += _state(plan)
     problems += _verdict(plan)
     if costs is not None:
         problems += _against_costs(plan, costs)
@@ -294,6 +295,26 @@ def _run_buffers(
             yield f"{where}: its output buffer {ref} is born at step {b.first_step}, not here"
         elif name == "output" and (b.role == "accumulator") != (step.tile is not None):
             yield f"{where}: a tiled run writes an accumulator, a whole run an activation"
+
+
+def _state(plan: Plan) -> Iterator[str]:
+    """State lives at every step, packed from offset 0 in order, below everything else:
+    so plans for other shapes of one model put each state buffer at the same offset, and
+    a session's state never moves when its plan changes."""
+    end = len(plan.steps) - 1
+    state = [b for b in plan.buffers if b.role == "state"]
+    top = 0
+    for b in state:
+        where = f"state buffer {b.id} ({b.layer})"
+        if (b.first_step, b.last_step) != (0, end):
+            yield f"{where} lives {b.first_step}..{b.last_step}, not 0..{end}"
+        if b.offset_bytes != top:
+            yield f"{where} is at {b.offset_bytes}, expected {top} (packed from 0)"
+        top += b.nbytes
+    for b in plan.buffers:
+        below = b.offset_bytes is not None and b.offset_bytes < top
+        if b.role not in ("state", "working_set") and below:
+            yield f"buffer {b.id} ({b.role} of {b.layer}) lies in the state region 0..{top}"
 
 
 def _verdict(plan: Plan) -> Iterator[str]:

@@ -61,9 +61,10 @@ class Executor:
         self._specs = {spec.name: spec for spec in all_layer_specs(manifest)}
         self._born: dict[int, list[Buffer]] = {}
         for buf in plan.buffers:
-            if buf.offset_bytes is not None and buf.role != "pinned":
+            if buf.offset_bytes is not None and buf.role not in _KEPT:
                 self._born.setdefault(buf.first_step, []).append(buf)
         self._pinned = [b for b in plan.buffers if b.role == "pinned"]
+        self._state = [b for b in plan.buffers if b.role == "state"]
         self._pinned_loaded = False
         # compiled (and measured) when the plan was costed: running them compiles nothing
         tiled = {s.layer for s in plan.steps if s.tile is not None}
@@ -155,6 +156,9 @@ class Executor:
         """Reserve and read the pinned layers once; later requests find them resident."""
         assert self.arena is not None
         loads = {}
+        for buf in self._state:  # reserved (zeroed) once; the session's, not a request's
+            self.arena.reserve(buf, 0)
+            self.arena.view(buf.offset_bytes or 0, buf.nbytes)[:] = 0
         for buf in self._pinned:
             self.arena.reserve(buf, 0)
             loads[buf.layer] = self._load(buf, ids)
@@ -189,7 +193,7 @@ class Executor:
         ends: list[float] = []
         output: np.ndarray | None = None
         try:
-            if self._pinned and not self._pinned_loaded:
+            if (self._pinned or self._state) and not self._pinned_loaded:
                 loads = self._load_pinned(ids)
             for step in plan.steps:
                 for buf in self._born.get(step.index, ()):
@@ -210,8 +214,8 @@ class Executor:
                     if after_run is not None:
                         after_run(step.index, step.layer)
                 usage.append(arena.live_bytes)  # everything the step holds, before its frees
-                for bid in step.frees:  # pinned layers stay for the next request
-                    if arena.is_live(bid) and plan.buffers[bid].role != "pinned":
+                for bid in step.frees:  # pinned layers and state stay for the next request
+                    if arena.is_live(bid) and plan.buffers[bid].role not in _KEPT:
                         arena.release(bid)
                 ends.append(time.perf_counter() - started)
         except MemoryError:  # a Python-side allocation under a process limit
@@ -394,6 +398,7 @@ def allocation_error(exc: BaseException, step: int, unit: str) -> MemoryBoundExc
     )
 
 
+_KEPT = ("pinned", "state")  # buffers that outlive a request
 TileShape = tuple[str, int, bool, bool]  # (unit, rows, first tile, last tile)
 
 
