@@ -57,7 +57,7 @@ SEED = _number(int, 0, "a seed from 0 to 2**63 - 1")
 SECONDS = _number(float, 0.0, "seconds from 0 to 86400", 86400.0)
 
 
-def ARENA_SIZE(text: str) -> int:  # noqa: N802 (an argparse type, named like the others)
+def _arena_size(text: str) -> int:
     """``--arena-mb``: a size in bytes from ``50`` (MiB), ``50MB`` (MB means MiB), ``50MiB``..."""
     from edgemind.units import parse_size
 
@@ -68,6 +68,7 @@ def ARENA_SIZE(text: str) -> int:  # noqa: N802 (an argparse type, named like th
             f"expected a size from 1 B to 1 PiB such as 50 (MiB), 50MB or 1.5GiB, got "
             f"{brief(text, 40)}"
         ) from None
+
 
 CAPACITY_BYTES = _number(int, 1, "a number of bytes from 1 to 2**50 (1 PiB)", 2**50)
 
@@ -87,7 +88,7 @@ def _policy_flags() -> _Parser:
     size = group.add_mutually_exclusive_group()
     size.add_argument(
         "--arena-mb",
-        type=ARENA_SIZE,
+        type=_arena_size,
         dest="arena_size_bytes",
         metavar="SIZE",
         help="arena capacity: 50 (MiB), 50MB, 50MiB or 1.5GiB; MB means MiB",
@@ -341,6 +342,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if str(args.src).lower().endswith(".gguf"):
         if args.quantize:
             raise ConversionError("--quantize is for safetensors checkpoints; a GGUF keeps its own")
+        from edgemind.extras import require
+
+        require("gguf", "gguf", "converting a GGUF file")
         out = convert_gguf(args.src, args.out, **common)
     else:
         out = convert_safetensors(args.src, args.out, quantize=args.quantize, **common)

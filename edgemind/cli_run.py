@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from edgemind.errors import MemoryQuotaExceeded
@@ -86,7 +85,8 @@ def check_physical_memory(capacity_bytes: int) -> None:
 def _serve_requests(
     args: argparse.Namespace, runtime: Any, metrics: Any, dims: dict[str, int]
 ) -> bool:
-    """Run ``--repeat`` requests, feeding the metrics; print and save the last result."""
+    """Run ``--repeat`` requests, feeding the metrics; print and save the last result, and
+    the latency over all of them."""
     import numpy as np
 
     from edgemind.metrics import write_textfile
@@ -97,6 +97,7 @@ def _serve_requests(
         request = _text_request(runtime, texts)
     else:
         request = _array_request(args, runtime, dims)
+    latencies_s: list[float] = []
     try:
         for _ in range(args.repeat):
             start = time.perf_counter()
@@ -107,6 +108,7 @@ def _serve_requests(
                 metrics.observe_rejection(exc, getattr(exc, "plan", None), latency_s=latency)
                 raise
             metrics.observe(result.report)
+            latencies_s.append(result.report.latency_s)
     finally:
         if args.metrics_textfile:
             write_textfile(metrics.registry, args.metrics_textfile)
@@ -118,6 +120,7 @@ def _serve_requests(
 
         save_timeline(plan, args.plot, result.report)
     count = metrics.quota_exceeded_count
+    written = {"output_path": args.output, "plot_path": args.plot}
     if args.json:
         out = report_dict(result.report, plan, quota_exceeded_count=count)
         if texts is not None:
@@ -126,6 +129,9 @@ def _serve_requests(
             out["truncated"] = list(result.truncated)
             out["seq_len"] = result.seq_len
             out["similarities"] = cosine_similarities(result.vectors).round(6).tolist()
+        if args.repeat > 1:
+            out["repeat"] = latency_summary(latencies_s)
+        out.update({key: path for key, path in written.items() if path})
         print(json.dumps(out, indent=1))
     else:
         if texts is not None:
@@ -133,7 +139,38 @@ def _serve_requests(
 
             print(format_embeddings(texts, result), end="\n\n")
         print(format_report(result.report, plan, quota_exceeded_count=count))
+        if args.repeat > 1:
+            print(format_latency_summary(latency_summary(latencies_s)))
+        if args.output:
+            print(f"output written to {args.output}")
+        if args.plot:
+            print(f"timeline written to {args.plot}")
     return bool(complete)
+
+
+def latency_summary(latencies_s: list[float]) -> dict[str, Any]:
+    """Mean, median and 95th percentile latency of ``--repeat`` requests, in ms.
+
+    >>> latency_summary([0.001, 0.002, 0.003])
+    {'requests': 3, 'latency_mean_ms': 2.0, 'latency_p50_ms': 2.0, 'latency_p95_ms': 2.9}
+    """
+    import numpy as np
+
+    ms = np.asarray(latencies_s, dtype=np.float64) * 1e3
+    return {
+        "requests": len(latencies_s),
+        "latency_mean_ms": round(float(ms.mean()), 3),
+        "latency_p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "latency_p95_ms": round(float(np.percentile(ms, 95)), 3),
+    }
+
+
+def format_latency_summary(summary: dict[str, Any]) -> str:
+    """One line for the terminal: ``latency over 10 requests: mean 4.1 ms, p50 ...``."""
+    return (
+        f"latency over {summary['requests']} requests: mean {summary['latency_mean_ms']:.3f} ms, "
+        f"p50 {summary['latency_p50_ms']:.3f} ms, p95 {summary['latency_p95_ms']:.3f} ms"
+    )
 
 
 def _texts(args: argparse.Namespace) -> list[str] | None:
@@ -183,7 +220,8 @@ def _array_request(args: argparse.Namespace, runtime: Any, dims: dict[str, int])
     from edgemind.planner.planfile import check_plan_matches, load_plan
     from edgemind.runtime.runtime import dims_of
 
-    inputs = _load_input(runtime.manifest, args.input, args.seed, dims)
+    seed = 0 if args.seed is None else args.seed
+    inputs = _load_input(runtime.manifest, args.input, seed, dims)
     if args.plan:
         plan = load_plan(args.plan)
         check_plan_matches(
@@ -273,22 +311,12 @@ def _file_input(manifest: Any, path: str) -> tuple:
 
 
 def _save_output(path: str, array: Any) -> None:
-    """Write ``array`` to ``path`` atomically: a temp file renamed into place."""
-    import os
-    import tempfile
-
+    """Write ``array`` to ``path`` atomically (:func:`edgemind.files.atomic_write`)."""
     import numpy as np
 
     from edgemind.errors import EdgemindError
+    from edgemind.files import atomic_write
 
-    target = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, target)
-    except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise EdgemindError(f"--output {path}: cannot write ({exc.strerror})") from None
+    atomic_write(
+        path, lambda f: np.save(f, array, allow_pickle=False), flag="--output", error=EdgemindError
+    )

@@ -97,6 +97,22 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
     return out
 
 
+FAILURE_FIGURES = ("status", "capacity_bytes", "min_capacity_bytes", "peak_bytes", "witness")
+
+
+def failure_dict(verdict: str, message: str, plan: Plan | None) -> dict[str, Any]:
+    """A rejected (or out-of-memory) request as one JSON-able object: the verdict, the
+    message stderr prints, and the plan's figures when there is a plan."""
+    out: dict[str, Any] = {"verdict": verdict, "message": message}
+    if plan is not None:
+        figures = dataclasses.asdict(plan)
+        out.update({key: figures[key] for key in FAILURE_FIGURES})
+        out["model_name"] = plan.model_name
+        out["input_shape"] = list(plan.input_shape)
+        out["plan_verdict"] = verdict_line(plan)
+    return out
+
+
 def verdict_line(plan: Plan) -> str:
     """One line: fits, exits early, or does not fit (and what would)."""
     need = plan.min_capacity_bytes

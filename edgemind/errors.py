@@ -37,6 +37,10 @@ class ConversionError(EdgemindError):
     """A checkpoint cannot be converted (unknown architecture, missing tensor...)."""
 
 
+class MissingExtraError(EdgemindError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
 class MetricsError(EdgemindError):
     """The metrics exporter cannot start (bad address, port taken...)."""
 

@@ -67,8 +67,9 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], max_length: int) -> Tokenizer:
         """Load a ``tokenizer.json`` (offline) with the model's token limit."""
-        from tokenizers import Tokenizer as HFTokenizer
+        from edgemind.extras import require
 
+        HFTokenizer = require("tokenizers", "hf", "embedding text").Tokenizer
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files

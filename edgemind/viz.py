@@ -7,7 +7,7 @@ hatched band stacked on top of the arena extent so the capacity line compares ag
 the total. The bottom panel draws live bytes per step against the capacity and the
 lower bound, with the run's observed arena use overlaid when a report is given.
 
-matplotlib is an optional extra (``pip install 'edgemind[viz]'``), imported only here,
+matplotlib is an optional extra (``pip install 'edgemind-runtime[viz]'``), imported only here,
 only when a plot is drawn. Figures are built without pyplot, so nothing global is kept.
 
 >>> import tempfile
@@ -57,11 +57,10 @@ _LOADING_LABEL = "being read from disk"
 
 def _matplotlib() -> Any:
     """The ``matplotlib.figure`` module, or a one-line error saying how to install it."""
-    try:  # Figure without pyplot: no backend, no window, no global figure registry
-        from matplotlib import figure
-    except ImportError as exc:
-        raise EdgemindError("plotting needs matplotlib: pip install 'edgemind[viz]'") from exc
-    return figure
+    from edgemind.extras import require
+
+    # Figure without pyplot: no backend, no window, no global figure registry
+    return require("matplotlib.figure", "viz", "plotting")
 
 
 def _mib(nbytes: float) -> float:
@@ -442,16 +441,19 @@ def save_timeline(
     dpi: int = 100,
 ) -> Path:
     """Write the two-panel timeline of ``plan`` (and ``report``) to ``path`` (PNG, SVG, PDF...)."""
+    from edgemind.files import atomic_write
+
     fig = plot_timeline(plan, report, time_axis=time_axis)
     out = Path(path)
-    # Written beside the target, then renamed: a failed plot leaves no half-written file.
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".") or "png")
-        os.replace(tmp, out)
-    except (OSError, ValueError) as exc:  # ValueError: an unknown file extension
-        tmp.unlink(missing_ok=True)
-        raise EdgemindError(f"cannot write the timeline plot to {out}: {exc}") from None
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise EdgemindError(
+            f"cannot write the timeline plot to {out}: unknown format {fmt!r}; use one of "
+            f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}"
+        )
+    atomic_write(
+        out, lambda f: fig.savefig(f, dpi=dpi, format=fmt), flag="--plot", error=EdgemindError
+    )
     return out
 
 

@@ -17,6 +17,7 @@ EXPECTED = {
     "PlanError",
     "ConversionError",
     "MetricsError",
+    "MissingExtraError",
     "MemoryQuotaExceeded",
     "MemoryBoundExceeded",
     "MemoryBoundWarning",

@@ -73,7 +73,12 @@ def _check_input(spec: InputSpec, arr: np.ndarray, dims: dict[str, int]) -> None
         raise InputError(f"input {spec.name!r}: expected shape {expected}, got {arr.shape}")
     for want, got in zip(spec.shape, arr.shape, strict=True):
         if isinstance(want, str):
-            if got < 1 or dims.setdefault(want, got) != got:
+            if got < 1:  # an empty array has no rows to run
+                raise InputError(
+                    f"input {spec.name!r}: dim {want!r} is {got} (shape {arr.shape}); give at "
+                    "least one element along every dim"
+                )
+            if dims.setdefault(want, got) != got:
                 raise InputError(
                     f"input {spec.name!r}: dim {want!r} is {got}, expected {dims[want]} "
                     f"(shape {expected}, got {arr.shape})"

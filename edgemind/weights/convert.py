@@ -301,6 +301,10 @@ def convert_safetensors(
     ...
     edgemind.errors.ConversionError: no/such/checkpoint: checkpoint directory not found
     """
+    from edgemind.extras import require
+
+    for module in ("safetensors", "tqdm"):
+        require(module, "hf", "converting a safetensors checkpoint")
     from tqdm import tqdm
 
     if quantize is not None and quantize not in QUANTIZERS:

@@ -26,6 +26,7 @@ import numpy as np
 
 from edgemind.dtypes import STORAGE_TYPES, row_nbytes, storage_type
 from edgemind.errors import ModelFormatError
+from edgemind.files import fsync_dir, new_dir_mode, write_failure
 from edgemind.weights.format import (
     bin32_header,
     dtype_name,
@@ -169,14 +170,56 @@ def file_stem(index: int, name: str) -> str:
     return f"{index:02d}_{safe}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a leftover of a live writer is kept)."""
+    if pid == os.getpid():
+        return True
     try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; durability is best-effort
-        pass
-    finally:
-        os.close(fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process, alive
+        return True
+    return True
+
+
+def clean_leftovers(out_dir: Path) -> list[Path]:
+    """Remove what a killed writer of ``out_dir`` left beside it; returns what went.
+
+    A writer builds ``.NAME.partial-PID-*`` and, while replacing a model, moves the old
+    one to ``.NAME.old-PID-*/model``. Leftovers of a process that is still running are
+    kept. A writer killed between its two renames left no ``NAME`` but the previous model
+    in ``old-*/model``: that model is put back rather than deleted.
+    """
+    removed: list[Path] = []
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:
+        return removed
+    for path in sorted(siblings):
+        match = _LEFTOVER.match(path.name)
+        if match is None or match["name"] != out_dir.name or not path.is_dir():
+            continue
+        if match["pid"] is not None and _alive(int(match["pid"])):
+            continue
+        previous = path / "model"
+        if match["kind"] == "old" and previous.is_dir() and not out_dir.exists():
+            with contextlib.suppress(OSError):
+                os.replace(previous, out_dir)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _write_error(exc: OSError, out_dir: Path, doing: str) -> ModelFormatError:
+    """A failed write as one line: what, where, and what to do (the partial model is gone)."""
+    return ModelFormatError(
+        f"{out_dir}: cannot write the model while {doing} ({write_failure(exc)}); nothing was "
+        "left behind"
+    )
 
 
 class ModelWriter:
@@ -215,6 +258,7 @@ class ModelWriter:
         self.overwrite = overwrite
         self._layers: list[LayerSpec] = []
         self._tmp: Path | None = None
+        clean_leftovers(self.out_dir)
         self._check_target()
 
     def _check_target(self) -> None:
@@ -228,10 +272,17 @@ class ModelWriter:
                 raise ModelFormatError(f"{self.out_dir}: exists and is not a directory")
 
     def __enter__(self) -> ModelWriter:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{self.out_dir.name}.partial-"
-        self._tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out_dir.parent))
-        (self._tmp / "layers").mkdir()
+        prefix = f".{self.out_dir.name}.partial-{os.getpid()}-"
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out_dir.parent))
+            os.chmod(self._tmp, new_dir_mode())  # mkdtemp made it 0700
+            (self._tmp / "layers").mkdir()
+        except OSError as exc:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+            raise _write_error(exc, self.out_dir, f"creating it in {self.out_dir.parent}") from None
         self._layers = []
         return self
 
@@ -337,7 +388,10 @@ class ModelWriter:
                 f"layer {name!r}: config is not JSON-serialisable ({exc})"
             ) from None
         file = f"layers/{stem}.msgpack"
-        specs = write_layer_file(self._tmp / file, name, self.alignment_bytes, tensors)
+        try:
+            specs = write_layer_file(self._tmp / file, name, self.alignment_bytes, tensors)
+        except OSError as exc:  # disk full, file size limit, permissions...
+            raise _write_error(exc, self.out_dir, f"writing layer {name!r}") from None
         return LayerSpec(name, kind, MappingProxyType(config), file, specs)
 
     def _commit(self) -> None:
@@ -357,17 +411,32 @@ class ModelWriter:
             ) from None
         # validated exactly as a reader will parse it
         manifest_from_json(json.loads(text), f"{self.out_dir / MANIFEST_NAME} (being written)")
+        try:
+            old = self._install(text)
+        except OSError as exc:
+            raise _write_error(exc, self.out_dir, "writing the manifest and renaming") from None
+        self._tmp = None
+        fsync_dir(self.out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _install(self, text: str) -> Path | None:
+        """Write the manifest, fsync, and rename the finished directory into place;
+        returns the folder holding the replaced model (to delete), if any."""
+        assert self._tmp is not None
         with open(self._tmp / MANIFEST_NAME, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self._tmp / "layers")
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp / "layers")
+        fsync_dir(self._tmp)
         self._check_target()
         old = None
         if self.out_dir.exists():
             old = Path(
-                tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent)
+                tempfile.mkdtemp(
+                    prefix=f".{self.out_dir.name}.old-{os.getpid()}-", dir=self.out_dir.parent
+                )
             )
             os.replace(self.out_dir, old / "model")
         try:
@@ -377,7 +446,4 @@ class ModelWriter:
                 os.replace(old / "model", self.out_dir)
                 shutil.rmtree(old, ignore_errors=True)
             raise
-        self._tmp = None
-        _fsync_dir(self.out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return old
