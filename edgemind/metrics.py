@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -345,14 +345,11 @@ def write_textfile(registry: CollectorRegistry, path: str | os.PathLike[str]) ->
 
     node_exporter's textfile collector reads only files ending in ``.prom``.
     """
+    from edgemind.files import atomic_write
+
     check_textfile_path(path)
-    try:
-        write_to_textfile(str(path), registry)
-    except OSError as exc:
-        raise MetricsError(
-            f"--metrics-textfile {path}: cannot write ({exc.strerror}); "
-            "check the directory is writable"
-        ) from None
+    exposition = generate_latest(registry)
+    atomic_write(path, lambda f: f.write(exposition), flag="--metrics-textfile", error=MetricsError)
 
 
 def parse_exposition(text: str) -> dict[str, Metric]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -311,3 +312,80 @@ def test_minilm_numpy_references_match_the_original(minilm_weights):
         if layer.exit_head is not None:
             pooled = reference("mean_pool_l2", layer.exit_head.config)({}, x, ctx)
             assert _cosines(pooled, ref["single"][level - 1, 1:2]).min() >= 0.9999
+
+
+def _cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from edgemind.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    return code, err.strip()
+
+
+def test_a_full_disk_during_convert_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from edgemind.weights import writer
+
+    src = write_checkpoint(tmp_path / "ckpt")
+    calls = {"n": 0}
+    real = writer.write_layer_file
+
+    def second_layer_hits_a_full_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "write_layer_file", second_layer_hits_a_full_disk)
+    code, err = _cli(["convert", src, tmp_path / "model"], capsys)
+    assert code == 1 and "no space left" in err and "while writing layer 'pool_0'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_during_convert_is_one_line(tmp_path):
+    """RLIMIT_FSIZE set in a child: the write fails with EFBIG (Python ignores SIGXFSZ)."""
+    import subprocess
+    import sys
+
+    src = write_checkpoint(tmp_path / "ckpt")
+    child = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+        "from edgemind.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = [sys.executable, "-c", child, "convert", str(src), str(tmp_path / "model")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "ulimit -f" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("module", ["safetensors", "tqdm"])
+def test_convert_without_the_hf_extra_names_it(module, tmp_path, capsys, monkeypatch):
+    src = write_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setitem(sys.modules, module, None)
+    code, err = _cli(["convert", src, tmp_path / "model"], capsys)
+    assert code == 1 and f"needs {module}" in err and "pip install 'edgemind-runtime[hf]'" in err
+
+
+def test_convert_gguf_without_the_gguf_extra_names_it(tmp_path, capsys, monkeypatch):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    code, err = _cli(["convert", tmp_path / "m.gguf", tmp_path / "model"], capsys)
+    assert code == 1 and "pip install 'edgemind-runtime[gguf]'" in err
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "inspect"])
+def test_a_checkpoint_given_as_model_dir_gets_the_convert_command(command, tmp_path, capsys):
+    src = write_checkpoint(tmp_path / "my ckpt")
+    extra = ["--random-input"] if command == "run" else []
+    code, err = _cli([command, src, *extra], capsys)
+    assert code == 1 and "a Hugging Face checkpoint" in err
+    assert err.endswith(f"convert it first: edgemind convert '{src}' 'models/my ckpt'")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    code, err = _cli([command, tmp_path / "x.gguf", *extra], capsys)
+    assert code == 1 and err.endswith(f"edgemind convert {tmp_path / 'x.gguf'} models/x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zlib
@@ -231,3 +232,130 @@ def test_an_exit_head_may_not_share_a_layers_name(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError, match="names must be unique"), writer as w:
         w.add_layer("a", "dense", {}, [], exit_head=("a", "exit_head", {}, []))
     assert not (tmp_path / "m").exists()
+
+
+class _FullDisk:
+    """A file object whose writes fail with ``errno_`` once ``limit`` bytes are written."""
+
+    def __init__(self, f: object, limit: int, errno_: int) -> None:
+        self._f, self._left, self._errno = f, limit, errno_
+
+    def write(self, data: object) -> int:
+        n = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes  # type: ignore[arg-type]
+        if n > self._left:
+            raise OSError(self._errno, os.strerror(self._errno))
+        self._left -= n
+        return self._f.write(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("errno_", "hint"),
+    [(errno.ENOSPC, "no space left"), (errno.EFBIG, "ulimit -f"), (errno.EROFS, "read-only")],
+)
+@pytest.mark.parametrize("limit", [0, 700, 10**9])  # header, a payload, the manifest
+def test_a_failing_disk_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, hint: str, limit: int
+) -> None:
+    import builtins
+
+    from edgemind.weights import writer
+
+    def failing_open(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = builtins.open(path, mode, *args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
+        if "w" not in mode:
+            return f
+        # the manifest is the last file written: a huge limit fails only there
+        return _FullDisk(f, 0 if limit == 10**9 and str(path).endswith(".json") else limit, errno_)
+
+    monkeypatch.setattr(writer, "open", failing_open, raising=False)
+    with pytest.raises(ModelFormatError) as info:
+        _write(tmp_path / "m")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "m") in message and hint in message
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_an_unwritable_parent_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only parent: real when not root (root writes anyway), simulated for root."""
+    import tempfile
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    if os.geteuid() == 0:
+
+        def refuse(*args: object, **kwargs: object) -> str:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(ModelFormatError, match=r"ro/m: cannot write .*permission denied"):
+            _write(parent / "m")
+        assert os.listdir(parent) == []
+    finally:
+        parent.chmod(0o755)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from edgemind.weights import InputSpec, ModelWriter
+out, stage = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+def replace_then_die(src, dst):
+    real_replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)  # between moving the old model away and the new in
+if stage == "commit":
+    os.replace = replace_then_die
+with ModelWriter(out, "new", [InputSpec("x", "float32", ("batch", 8))], overwrite=True) as w:
+    w.add_layer("a", "dense", {}, [("w", np.ones(3, np.float32))])
+    if stage == "layers":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["layers", "commit"])
+def test_leftovers_of_a_killed_writer_are_cleaned_on_the_next_write(
+    tmp_path: Path, stage: str
+) -> None:
+    import subprocess
+    import sys
+
+    _write(tmp_path / "m")
+    before = (tmp_path / "m" / "manifest.json").read_text()
+    script = [sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "m"), stage]
+    assert subprocess.run(script, timeout=120).returncode == -9
+    leftovers = [n for n in os.listdir(tmp_path) if n != "m"]
+    assert leftovers and all(n.startswith((".m.partial-", ".m.old-")) for n in leftovers)
+    # killed mid-commit, the previous model sits in .m.old-*/model: it is put back
+    with pytest.raises(ModelFormatError, match="already exists"):
+        ModelWriter(tmp_path / "m", "toy", INPUTS)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert (tmp_path / "m" / "manifest.json").read_text() == before
+
+
+def test_leftovers_of_a_live_writer_are_kept(tmp_path: Path) -> None:
+    with ModelWriter(tmp_path / "m", "toy", INPUTS) as w:
+        w.add_layer("a", "dense", {}, [("w", np.ones(3, np.float32))])
+        ModelWriter(tmp_path / "m", "toy", INPUTS)  # a second writer of the same target
+        assert len(os.listdir(tmp_path)) == 1  # the first one's .m.partial-PID-* is kept
+    assert load_manifest(tmp_path / "m").layers[0].name == "a"
+
+
+def test_the_model_directory_gets_the_umask_mode(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        _write(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
