@@ -444,3 +444,22 @@ def test_a_tokenizer_symlinked_outside_is_refused(text_model, tmp_path, capsys):
     (text_model / "tokenizer.json").symlink_to(outside)
     line = one_line(capsys, ["run", text_model, "--text", "hello"])
     assert "outside the model directory" in line
+
+
+def test_run_text_without_the_hf_extra_names_it(text_model, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    line = one_line(capsys, ["run", text_model, "--text", "hello"])
+    assert "embedding text needs tokenizers" in line
+    assert line.endswith("pip install 'edgemind-runtime[hf]'")
+
+
+def test_an_empty_array_through_the_api_is_an_input_error(toy_model):
+    import numpy as np
+
+    from edgemind.errors import InputError
+    from edgemind.runtime import Runtime
+
+    with Runtime.open(toy_model) as rt, pytest.raises(InputError, match=r"dim 'batch' is 0"):
+        rt.run(np.ones((0, 1024), np.float32))

@@ -245,3 +245,56 @@ def test_inspect_verify_fails_on_a_corrupted_payload(capsys, toy_model, tmp_path
     code, out, err = run_cli(capsys, "inspect", model, "--verify")
     assert code == EXIT_ERROR and "verified" not in out
     assert "L2" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("on_quota", ["early_exit", "reject_request"])
+def test_json_on_a_rejected_run_is_one_object(capsys, toy_model, on_quota):
+    code, out, err = run_cli(
+        capsys, "run", toy_model, "--random-input", "--arena-mb", "2", "--json",
+        "--on-quota", on_quota,
+    )  # fmt: skip
+    assert code == EXIT_INFEASIBLE
+    data = json.loads(out)
+    assert data["verdict"] == "rejected" and data["status"] == "infeasible"
+    assert data["capacity_bytes"] == 2 * MIB and data["min_capacity_bytes"] > 2 * MIB
+    assert data["peak_bytes"] > 2 * MIB and data["witness"]["missing_bytes"] > 0
+    assert data["message"] in err  # stderr keeps its one line
+    assert_one_line_error(err, "rejected")
+
+
+def test_json_on_an_infeasible_plan_carries_the_message(capsys, toy_model):
+    code, out, _ = run_cli(capsys, "plan", toy_model, "--arena-mb", "2", "--json")
+    assert code == EXIT_INFEASIBLE
+    data = json.loads(out)
+    assert data["status"] == "infeasible" and "raise model.arena_capacity_mb" in data["message"]
+    assert {"capacity_bytes", "min_capacity_bytes", "peak_bytes", "witness"} <= set(data)
+
+
+@pytest.mark.parametrize("size", ["24", "24MB", "24MiB", "24 mib", "0.0234375GiB"])
+def test_arena_mb_takes_a_size_with_or_without_a_unit(capsys, toy_model, size):
+    code, out, _ = run_cli(capsys, "plan", toy_model, "--arena-mb", size, "--json")
+    assert code == EXIT_EARLY_EXIT and json.loads(out)["capacity_bytes"] == 24 * MIB
+
+
+def test_repeat_reports_latency_over_all_requests(capsys, toy_model, tmp_path):
+    code, out, _ = run_cli(capsys, "run", toy_model, "--random-input", "--repeat", "3")
+    assert code == EXIT_OK
+    assert "latency over 3 requests: mean " in out and ", p50 " in out and ", p95 " in out
+    code, out, _ = run_cli(capsys, "run", toy_model, "--random-input", "--repeat", "3", "--json")
+    repeat = json.loads(out)["repeat"]
+    assert repeat["requests"] == 3
+    assert 0 < repeat["latency_p50_ms"] <= repeat["latency_p95_ms"]
+
+
+def test_written_files_are_said(capsys, toy_model, tmp_path):
+    y, png = tmp_path / "y.npy", tmp_path / "t.png"
+    argv = ("run", toy_model, "--random-input", "--output", y, "--plot", png)
+    code, out, _ = run_cli(capsys, *argv)
+    assert (
+        code == EXIT_OK and f"output written to {y}" in out and f"timeline written to {png}" in out
+    )
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    data = json.loads(out)
+    assert data["output_path"] == str(y) and data["plot_path"] == str(png)
+    code, out, _ = run_cli(capsys, "plan", toy_model, "--plot", png)
+    assert f"timeline written to {png}" in out
