@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= models/toy
 
-.PHONY: demo test lint fuzz bench bench-quick stress minilm clean
+.PHONY: demo test lint fuzz install-check bench bench-quick stress minilm clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: lint
 # statistics say how many cases each target ran.
 fuzz: $(STAMP)
 	EDGEMIND_FUZZ=long $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+
+# Build the wheel, install it with the lock file into a fresh venv, run `edgemind
+# --version` and the toy builder there (tests/test_packaging.py; needs pip's index).
+install-check: $(STAMP)
+	EDGEMIND_TEST_INSTALL=1 $(VENV)/bin/pytest -q tests/test_packaging.py
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
