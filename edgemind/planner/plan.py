@@ -94,7 +94,7 @@ class CostTable:
         return len(self.exits)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TensorSlot:
     """Where one tensor lies inside its weights buffer."""
 
@@ -104,7 +104,7 @@ class TensorSlot:
     source_offset_bytes: int = 0  # where in the tensor's payload these bytes start (tiles)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Buffer:
     """One reservation: in the arena (offset set) or in XLA's pool (offset None)."""
 
@@ -122,7 +122,7 @@ class Buffer:
         return (self.offset_bytes or 0) + self.nbytes
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Step:
     """One step of a request: a load with nothing to overlap, or a unit's run."""
 
