@@ -6,7 +6,9 @@ architecture needs is there with the right shape before writing anything, then
 streams the tensors one at a time into the model directory: each is read from the
 checkpoint only when the writer writes it, so the whole model is never in memory.
 Supported architectures: ``bert`` (encoders such as all-MiniLM-L6-v2), as
-``embeddings``, ``encoder_0``... each followed by a ``pool_k`` mean-pool exit head.
+``embeddings``, ``encoder_0``... each followed by a ``pool_k`` exit head that pools as
+the checkpoint's sentence-transformers modules say (:mod:`edgemind.weights.st_pooling`;
+mean + L2 when it has none).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from edgemind.errors import ConversionError
 from edgemind.layers.bert import kind_configs
 from edgemind.weights import InputSpec, ModelWriter, TensorSource
 from edgemind.weights.quantize import QUANTIZERS, quantizable, quantize_array
+from edgemind.weights.st_pooling import pooling_head
 
 SUPPORTED_ARCHITECTURES = ("bert",)
 CONFIG_FILE = "config.json"
@@ -335,6 +338,10 @@ def convert_safetensors(
         InputSpec("attention_mask", "int32", ("batch", "seq")),
     ]
     metadata = _metadata(src, cfg, files, unclaimed)
+    head_kind, head_config = pooling_head(src)  # checked before anything is written
+    if head_kind != "mean_pool_l2":
+        norm = ", then L2 normalise" if head_config["normalize"] else " (not normalised)"
+        metadata["pooling"] = f"{head_config['mode']} over attention_mask{norm}"
     disable = None if progress is None else not progress
     with (
         tqdm(
@@ -368,7 +375,7 @@ def convert_safetensors(
             head: tuple[str, str, Mapping[str, Any], list[TensorSource]] | None = None
             if kind == "bert_encoder":
                 index = unit.rsplit("_", 1)[1]
-                head = (f"pool_{index}", "mean_pool_l2", configs["mean_pool_l2"], [])
+                head = (f"pool_{index}", head_kind, head_config, [])
             writer.add_layer(unit, kind, config, sources, exit_head=head)
         for name in files:  # committed with the weights: all or nothing
             writer.add_file(name, src / name)
