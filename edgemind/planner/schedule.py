@@ -210,36 +210,47 @@ def _layout(
     lay = _Layout(
         units, depth, pinned, tiles, runs, steps, [], [], [], [], [], [], [], [], [], [], []
     )
+    # Lifetimes are derived from references (as tinygrad's memory planner does): each
+    # step lists the buffers it touches, and a buffer lives from its first reference to
+    # its last. Buffers of the session (state, context, pins) are referenced throughout;
+    # a read's weights from the step that starts reading them; the final output at the end.
+    refs: list[list[int]] = [[] for _ in steps]
+
+    def add(role: Role, label: str, nbytes: int, unit: int, run: int, *at: int) -> int:
+        buffer = lay.add(role, label, nbytes, -1, -1, unit, run)
+        for step in at:
+            refs[step].append(buffer)
+        return buffer
+
     for name, nbytes in state:  # every unit's, whatever level runs: offsets never move
-        lay.add("state", name, align_up(nbytes, align), 0, end, -1)
+        add("state", name, align_up(nbytes, align), -1, -1, 0, end)
     if context_bytes > 0:
-        lay.add("activation", "context", align_up(context_bytes, align), 0, end, -1)
+        add("activation", "context", align_up(context_bytes, align), -1, -1, 0, end)
     pin_buffer = {
-        k: lay.add("pinned", units[k].name, sizes[first_of[k]], 0, end, k, first_of[k])
+        k: add("pinned", units[k].name, sizes[first_of[k]], k, first_of[k], 0, end)
         for k in sorted(pinned)
     }
     previous = None
     if input_bytes > 0:
-        first_reader = run_step[last_of[0]]
-        previous = lay.add("activation", "input", align_up(input_bytes, align), 0, first_reader, -1)
+        previous = add("activation", "input", align_up(input_bytes, align), -1, -1, 0)
     output = None
     for r, (k, tile) in enumerate(runs):
         unit, here = units[k], run_step[r]
         weights = pin_buffer.get(k)
         if streamed[r]:
-            label = unit.name
-            if depth == 0 or r == 0:
-                weights = lay.add("weights", label, sizes[r], here - 1, here, k, r)
-            else:
-                start = run_step[max(0, r - depth)]
-                weights = lay.add("prefetch", label, sizes[r], start, here, k, r)
+            role: Role = "weights" if depth == 0 or r == 0 else "prefetch"
+            start = here - 1 if role == "weights" else run_step[max(0, r - depth)]
+            weights = add(role, unit.name, sizes[r], k, r, start, here)
+        elif weights is not None:
+            refs[here].append(weights)
         if r == first_of[k]:
             output = None
             if unit.output_bytes > 0:
-                # read by every run of the next unit; the last output lives to the end
-                dies = run_step[last_of[k + 1]] if k + 1 < len(units) else end
-                role: Role = "activation" if tile is None else "accumulator"
-                output = lay.add(role, unit.name, align_up(unit.output_bytes, align), here, dies, k)
+                role = "activation" if tile is None else "accumulator"
+                output = add(role, unit.name, align_up(unit.output_bytes, align), k, -1)
+        for buffer in (previous, output):  # read, and written, by every run (tile) of k
+            if buffer is not None:
+                refs[here].append(buffer)
         lay.weights.append(weights)
         lay.inputs.append(previous)
         lay.output.append(output)
@@ -248,8 +259,15 @@ def _layout(
         ws_bytes = unit.working_set_bytes
         if tile is not None:
             ws_bytes = tile_ws.get((unit.name, tile[1] - tile[0]), ws_bytes)
-        ws = lay.add("working_set", unit.name, ws_bytes, here, here, k) if ws_bytes > 0 else None
+        ws = add("working_set", unit.name, ws_bytes, k, -1, here) if ws_bytes > 0 else None
         lay.working.append(ws)
+    if previous is not None:
+        refs[end].append(previous)  # the result is the request's: alive to the end
+    for step, buffers in enumerate(refs):
+        for buffer in buffers:
+            if lay.first[buffer] < 0:
+                lay.first[buffer] = step
+            lay.last[buffer] = step
     _place(lay)
     return lay
 
