@@ -119,12 +119,12 @@ def _policy_flags() -> _Parser:
     group.add_argument(
         "--batch",
         type=POSITIVE_INT,
-        help="batch size (default 1; refused with --text, where the texts set it)",
+        help="batch size (default 1; with --input it must match the file; refused with --text)",
     )
     group.add_argument(
         "--seq",
         type=POSITIVE_INT,
-        help="sequence length, for models with one (refused with --text)",
+        help="sequence length, for models with one (as --batch: must match --input; no --text)",
     )
     return flags
 

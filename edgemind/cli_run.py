@@ -222,6 +222,8 @@ def _array_request(args: argparse.Namespace, runtime: Any, dims: dict[str, int])
 
     seed = 0 if args.seed is None else args.seed
     inputs = _load_input(runtime.manifest, args.input, seed, dims)
+    if args.input:  # the file sets the shape: --batch/--seq may only agree with it
+        _check_given_dims(args, dims_of(runtime.manifest, inputs))
     if args.plan:
         plan = load_plan(args.plan)
         check_plan_matches(
@@ -238,6 +240,19 @@ def _array_request(args: argparse.Namespace, runtime: Any, dims: dict[str, int])
         return result, result.output, result.complete
 
     return request
+
+
+def _check_given_dims(args: argparse.Namespace, found: dict[str, int]) -> None:
+    """Refuse ``--batch``/``--seq`` that disagree with the ``--input`` file's shape."""
+    from edgemind.errors import InputError
+
+    for dim in ("batch", "seq"):
+        given = getattr(args, dim)
+        if given is not None and dim in found and found[dim] != given:
+            raise InputError(
+                f"--{dim} {given} disagrees with --input {args.input}, whose {dim} is "
+                f"{found[dim]}; the file sets the shape (drop --{dim})"
+            )
 
 
 def _load_input(manifest: Any, path: str | None, seed: int, dims: dict[str, int]) -> tuple:

@@ -90,3 +90,12 @@ def test_plot_without_matplotlib_fails_before_the_run(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     line = one_line(capsys, ["plan", toy_model, "--plot", tmp_path / "p.png"], EXIT_ERROR)
     assert "pip install 'edgemind-runtime[viz]'" in line
+
+
+def test_batch_must_agree_with_the_input_file(toy_model, tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.ones((2, 1024), np.float32))
+    line = one_line(capsys, ["run", toy_model, "--input", tmp_path / "x.npy", "--batch", "4"], 1)
+    assert "--batch 4 disagrees with --input" in line and "whose batch is 2" in line
+    assert main(["run", str(toy_model), "--input", str(tmp_path / "x.npy"), "--batch", "2"]) == 0
