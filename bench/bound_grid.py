@@ -133,11 +133,12 @@ def summary(rows: Sequence[dict[str, Any]], allowance: int) -> tuple[str, str]:
                "observed MiB", "excess MiB", "target")  # fmt: skip
     body = []
     for r in reversed(worst):
-        over = r["observed_peak_bytes"] - r["plan_peak_bytes"]
+        excess_bytes = r["observed_peak_bytes"] - r["plan_peak_bytes"]
         body.append(
             [r["model"], r["batch"], r["seq"] or "-", r["keep"], r["prefetch"], r["read_mode"],
              f"{r['capacity']} ({mib(r['capacity_bytes'])})", mib(r["plan_peak_bytes"]),
-             mib(r["observed_peak_bytes"]), f"{over / MIB:+.2f}", verdict(over <= allowance)]
+             mib(r["observed_peak_bytes"]), f"{excess_bytes / MIB:+.2f}",
+             verdict(excess_bytes <= allowance)]
         )  # fmt: skip
     line = (
         f"{len(done)} cases ran ({failed} children failed), {len(over)} above plan + "

@@ -10,6 +10,7 @@ exits 0 whatever the figures (it fails only when a benchmark cannot run at all).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -121,9 +122,11 @@ def render(quick: bool) -> str:
     info = machine()
     memory, _ = bench_memory.memory_table(quick)
     grid_cases = bound_grid.sample(24, seed=0) if quick else bound_grid.grid()
-    grid_table, grid_line = bound_grid.summary(
-        bound_grid.run_grid(grid_cases, bound_grid.model_dirs()), bench_memory.ALLOWANCE_BYTES
-    )
+    grid_rows = bound_grid.run_grid(grid_cases, bound_grid.model_dirs())
+    raw = REPO / "build" / "bound_grid.json"  # kept whatever happens next
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(grid_rows, indent=1, default=str))
+    grid_table, grid_line = bound_grid.summary(grid_rows, bench_memory.ALLOWANCE_BYTES)
     cases = speed_cases(quick)
     planner = planner_table(quick)
     minilm = bench_minilm.run(quick)
