@@ -16,15 +16,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-import tempfile
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import msgpack
 
 from edgemind.errors import PlanError, brief
+from edgemind.files import atomic_write
 from edgemind.planner.plan import Buffer, Plan, Step, TensorSlot, Witness
 from edgemind.planner.verify import verify_plan
 
@@ -61,17 +60,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
         },
         use_bin_type=True,
     )
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(blob)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda out: out.write(blob), flag="plan file", error=PlanError)
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

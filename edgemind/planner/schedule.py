@@ -577,10 +577,14 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
         pinned += added[:lo]
         break
     saved = sum(units[k].weight_bytes for k in pinned)
-    wanted = "as many as fit" if asked == "auto" else f"{asked - 1}"
+    wanted = (
+        "as many layers resident as fit"
+        if asked == "auto"
+        else f"up to {asked} layers resident at once ({asked - 1} pinned + the running one)"
+    )
     notes.append(
-        f"keep_resident_layers={asked}: pinned {len(pinned)} of {len(heavy)} units with "
-        f"weights (requested {wanted}), saving {format_bytes(saved)} of reading per request"
+        f"keep_resident_layers={asked}: {wanted}; pinned {len(pinned)} of {len(heavy)} units "
+        f"with weights, saving {format_bytes(saved)} of reading per request"
     )
     return lay
 
