@@ -3,6 +3,7 @@ codes their comments promise."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -50,3 +51,32 @@ def test_every_using_it_command_runs_as_written(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert code == want, f"{line!r} exited {code}, the README says {want}: {err}"
     assert (tmp_path / "y.npy").is_file() and (tmp_path / "plan.msgpack").is_file()
+
+
+def console_blocks() -> list[list[str]]:
+    """Every console block's ``$ ...`` lines, in README order."""
+    blocks = re.findall(r"```console\n(.*?)```", README.read_text(), re.S)
+    return [[line[2:] for line in b.splitlines() if line.startswith("$ ")] for b in blocks]
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written_in_a_shell(tmp_path):
+    """Each line through bash as a user types it (command substitution included), with the
+    project's venv first on PATH; `make` lines are the Makefile's, run by CI itself."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ran = 0
+    for block in console_blocks():
+        for line in block:
+            command, _, comment = line.partition("  #")
+            if command.startswith("make "):
+                continue
+            proc = subprocess.run(
+                ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                timeout=600, check=False,
+            )  # fmt: skip
+            want = expected_exit(comment)
+            assert proc.returncode == want, f"{command!r}: exit {proc.returncode}: {proc.stderr}"
+            ran += 1
+    assert ran >= 15
+    assert (tmp_path / "models" / "gemma3-270m" / "manifest.json").is_file()
