@@ -32,7 +32,8 @@ from bench import (
 from bench.common import REPO, machine, run_child, table, verdict
 from bench.synthetic import cached_synthetic
 
-PLANNER_TARGET_S = 1.0
+PLANNER_TARGET_S = 0.2
+VERIFY_TARGET_S = 0.1
 # One XLA thread leaves the second core to the prefetch reader (see the speed notes).
 ONE_XLA_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 
@@ -41,12 +42,17 @@ def planner_table(quick: bool) -> str:
     rows = []
     for n_layers in (100, 1_000, 10_000):
         t = bench_planner.time_planner(n_layers, repeats=3 if quick else 7)
-        target = verdict(t.plan_s < PLANNER_TARGET_S) if n_layers == 10_000 else "-"
+        target = "-"
+        if n_layers == 10_000:
+            target = verdict(t.plan_s < PLANNER_TARGET_S and t.verify_s < VERIFY_TARGET_S)
         rows.append([
             f"{n_layers:,}", f"{t.plan_s * 1e3:.1f}", f"{t.verify_s * 1e3:.1f}",
             f"{t.peak_over_lower_bound:.4f}", f"{t.naive_over_peak:.1f}", target,
         ])  # fmt: skip
-    headers = ("layers", "plan ms", "verify ms", "peak/lower bound", "naive/peak", "< 1 s")
+    headers = (
+        "layers", "plan ms", "verify ms", "peak/lower bound", "naive/peak",
+        "plan < 0.2 s, verify < 0.1 s",
+    )  # fmt: skip
     return table(headers, rows)
 
 
@@ -185,8 +191,9 @@ def render(quick: bool) -> str:
 
 def planner_table_note() -> str:
     return (
-        "Median of repeats; `verify` is the independent checker. Target: 10,000 layers "
-        "planned in under 1 s."
+        "Median of repeats; `verify` is the independent checker. Target (issue 13): "
+        "10,000 layers planned in under 0.2 s and verified in under 0.1 s. Missed: two full "
+        "greedy placements per prefetch depth in Python; a faster placement is the next step."
     )
 
 
