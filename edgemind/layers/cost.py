@@ -33,7 +33,6 @@ from edgemind.layers.registry import (
 from edgemind.planner.plan import (
     CostTable,
     ExitCost,
-    TileMode,
     Tiling,
     UnitCost,
     WorkingSetSource,
@@ -188,13 +187,7 @@ def unit_cost(
         )
     rows = math.prod(x.shape) if gather_rows is None else gather_rows
     params = param_structs(spec, rows)
-    key: UnitKey = (
-        spec.kind,
-        freeze_config(spec.config),
-        _signature(params),
-        _signature({"x": x}),
-        _signature(ctx),
-    )
+    key = _unit_key(spec, x, ctx, rows)
     try:
         out, working_set_bytes = _analyse(*key)
     except ModelFormatError as exc:
@@ -242,8 +235,7 @@ def _tiling(spec: LayerSpec, kind: LayerKind, params: Mapping[str, Any]) -> Tili
     if sds is None or len(sds.shape) < 1 or sds.shape[0] < 2:
         return None
     rows = int(sds.shape[0])
-    mode: TileMode = "concat" if kind.tiling.mode == "concat" else "accumulate"
-    return Tiling(kind.tiling.tensor, rows, struct_nbytes(sds) // rows, mode)
+    return Tiling(kind.tiling.tensor, rows, struct_nbytes(sds) // rows, kind.tiling.mode)
 
 
 def tile_key(
@@ -288,18 +280,21 @@ def _unit_inputs(
     x, rows = structs[0], math.prod(structs[0].shape)
     shapes = {}
     for spec in manifest.layers:
-        params = _signature(param_structs(spec, rows))
-        out = _analyse(spec.kind, freeze_config(spec.config), params, _signature({"x": x}),
-                       _signature(ctx))[0]  # fmt: skip
+        out = _analyse(*_unit_key(spec, x, ctx, rows))[0]
         shapes[spec.name] = (x, out)
         if spec.exit_head is not None:
             head = spec.exit_head
-            head_params = _signature(param_structs(head, rows))
-            head_out = _analyse(head.kind, freeze_config(head.config), head_params,
-                                _signature({"x": out}), _signature(ctx))[0]  # fmt: skip
-            shapes[head.name] = (out, head_out)
+            shapes[head.name] = (out, _analyse(*_unit_key(head, out, ctx, rows))[0])
         x = out
     return shapes, ctx
+
+
+def _unit_key(
+    spec: LayerSpec, x: jax.ShapeDtypeStruct, ctx: Mapping[str, jax.ShapeDtypeStruct], rows: int
+) -> UnitKey:
+    """The signature of ``spec`` run on ``x``: the key of its one compiled executable."""
+    params = _signature(param_structs(spec, rows))
+    return (spec.kind, freeze_config(spec.config), params, _signature({"x": x}), _signature(ctx))
 
 
 def compiled_tiles(
@@ -346,16 +341,12 @@ def compiled_units(
     comes with its signature key (what :func:`edgemind.runtime.workset.zero_args` takes).
     """
     specs = {s.name: s for s in all_layer_specs(manifest)}
-    structs = input_structs(manifest, dims)
-    x, rows = structs[0], math.prod(structs[0].shape)
-    ctx = _signature({s.name: a for s, a in zip(manifest.inputs[1:], structs[1:], strict=True)})
+    shapes, ctx = _unit_inputs(manifest, dims)
+    rows = math.prod(input_structs(manifest, dims)[0].shape)
     compiled = {}
     for name in units:
-        spec = specs[name]
-        params = _signature(param_structs(spec, rows))
-        key: UnitKey = (spec.kind, freeze_config(spec.config), params, _signature({"x": x}), ctx)
+        key = _unit_key(specs[name], shapes[name][0], ctx, rows)
         compiled[name] = (key, _compile(*key))
-        x = _analyse(*key)[0]
     return compiled
 
 

@@ -21,6 +21,7 @@ import jax.stages
 import numpy as np
 
 from edgemind.errors import ModelFormatError
+from edgemind.planner.plan import TileMode
 
 Params = Mapping[str, Any]  # tensor name -> array (NumPy view of the arena, or jax.Array)
 Context = Mapping[str, Any]  # request-level arrays (an attention mask...), same every layer
@@ -41,7 +42,7 @@ class TileKind:
 
     tensor: str
     apply: Callable[..., jax.Array]
-    mode: str = "accumulate"
+    mode: TileMode = "accumulate"  # or "concat": each tile writes its rows of the output
 
 
 @dataclasses.dataclass(frozen=True)

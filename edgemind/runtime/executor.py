@@ -294,7 +294,7 @@ class Executor:
             params = self._params(self.plan.buffers[step.weights])
         fn = self._fns[spec.name]
         if step.tile is not None:  # a tile: its start row and the accumulator so far
-            fn = self._tiles[tile_shape(step, self._specs[step.layer])][1]
+            fn = self._tiles[tile_shape(step, spec)][1]
             ctx = {**ctx, TILE_START: np.asarray(step.tile[0], np.int32)}
             if step.tile[0] > 0:
                 ctx[TILE_ACC] = self._activation(step.output, acts)
