@@ -396,32 +396,16 @@ def make_plan(
     chosen = next((lay for lay in candidates if lay.peak_bytes <= capacity), None)
     deepest = candidates[0]  # the chosen chain at the depth asked for
     if policy.tiling == "auto" and any(u.tiling is not None for u in complete):
-        # Tiles when the whole units do not fit: the deepest prefetch that fits with any
-        # tiling (streaming in tiles is fast only when reads overlap compute), then the
-        # largest tiles at that depth. They always count towards the smallest capacity.
-        ladder = tile_ladder(complete)
-        tiled = [  # per tiling, its layouts from its deepest prefetch down to none
-            [
-                build(complete, d, frozenset(), tiles)
-                for d in range(_tiled_depth(policy, complete, tiles), -1, -1)
-            ]
-            for tiles in ladder
-        ]
-        deepest_tiled = max(len(row) - 1 for row in tiled)
-        finest = min(tiled, key=lambda row: min(lay.peak_bytes for lay in row), default=None)
-        if finest is not None and min(lay.peak_bytes for lay in finest) < min_capacity:
+        # Tiles when the whole units do not fit; they always count towards the smallest
+        # capacity (and then give the witness: the least of the finest tiling's layouts).
+        tiled = _tilings(complete, policy, build)
+        finest = min(tiled, key=lambda row: min(lay.peak_bytes for lay in row))
+        if min(lay.peak_bytes for lay in finest) < min_capacity:
             min_capacity = min(lay.peak_bytes for lay in finest)
-            candidates = sorted(finest, key=lambda lay: -lay.peak_bytes)  # witness: its least
-        by_depth = [
-            (row[len(row) - 1 - d], row[0])
-            for d in range(deepest_tiled, -1, -1)
-            for row in tiled
-            if d < len(row)
-        ]
-        fits = [(lay, deepest) for lay, deepest in by_depth if lay.peak_bytes <= capacity]
-        if chosen is None and fits:
-            chosen, deepest = fits[0]
-            chosen = _untile(chosen, capacity, build)
+            candidates = sorted(finest, key=lambda lay: -lay.peak_bytes)
+        fit = _first_tiled_fit(tiled, capacity) if chosen is None else None
+        if fit is not None:
+            chosen, deepest = _untile(fit[0], capacity, build), fit[1]
             # the whole units' depth cap does not bind tiles, which are runs of their own
             notes[:] = [n for n in notes if not n.startswith("prefetch_depth ")]
             notes.append(_tiles_note(chosen))
@@ -616,6 +600,29 @@ def tile_ladder(units: Sequence[UnitCost]) -> list[dict[int, Tiles]]:
         if finest or budget <= 1:
             return ladder
         budget //= 2
+
+
+def _tilings(units: Sequence[UnitCost], policy: Policy, build: _Build) -> list[list[_Layout]]:
+    """Per tiling of the ladder (coarsest first), its layouts from its deepest useful
+    prefetch down to none."""
+    return [
+        [
+            build(units, d, frozenset(), tiles)
+            for d in range(_tiled_depth(policy, units, tiles), -1, -1)
+        ]
+        for tiles in tile_ladder(units)
+    ]
+
+
+def _first_tiled_fit(tiled: list[list[_Layout]], capacity: int) -> tuple[_Layout, _Layout] | None:
+    """The tiled layout to run, and its tiling's deepest: the deepest prefetch that fits
+    with any tiling (streaming in tiles is fast only when reads overlap compute), then the
+    largest tiles at that depth."""
+    for depth in range(max(len(row) for row in tiled) - 1, -1, -1):
+        for row in tiled:
+            if depth < len(row) and row[len(row) - 1 - depth].peak_bytes <= capacity:
+                return row[len(row) - 1 - depth], row[0]
+    return None
 
 
 def _tiled_depth(policy: Policy, units: Sequence[UnitCost], tiles: Mapping[int, Tiles]) -> int:
