@@ -33,10 +33,16 @@ def _logits(w: Any, x: Any, storage: str, hidden: int) -> jax.Array:
 
 
 def lm_head_apply(
-    params: Params, x: Any, ctx: Context, *, storage: str = "float32", hidden: int = 0
+    params: Params,
+    x: Any,
+    ctx: Context,
+    *,
+    storage: str = "float32",
+    hidden: int = 0,
+    vocab: int = 0,
 ) -> jax.Array:
-    """(..., hidden) -> (..., vocab) logits."""
-    del ctx
+    """(..., hidden) -> (..., vocab) logits. (``vocab`` sizes the tiles' accumulator.)"""
+    del ctx, vocab
     return _logits(params["weight"], x, storage, hidden or x.shape[-1])
 
 
@@ -79,16 +85,10 @@ def lm_head_reference(
     return (np.asarray(x, np.float64) @ w64.T).astype(np.float32)
 
 
-def _apply(params: Params, x: Any, ctx: Context, *, storage: str = "float32",
-           hidden: int = 0, vocab: int = 0) -> jax.Array:  # fmt: skip
-    del vocab
-    return lm_head_apply(params, x, ctx, storage=storage, hidden=hidden)
-
-
 LM_HEAD = register(
     LayerKind(
         "lm_head",
-        _apply,
+        lm_head_apply,
         lm_head_reference,
         ("weight",),
         TileKind("weight", lm_head_tile, mode="concat"),
