@@ -148,3 +148,14 @@ def test_inspect_shows_storage_types_and_bytes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "weight[96, 64] q8_0 6.4 KiB" in out  # 96 rows x 2 blocks x 34 bytes
     assert "ffn_up[128, 64] q4_0 4.5 KiB" in out  # 128 rows x 2 blocks x 18 bytes
+
+
+def test_missing_and_truncated_files_are_one_line(tmp_path, capsys):
+    tiny_gemma3(tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    for name, message in (("missing.gguf", "GGUF file not found"), ("cut.gguf", "truncated")):
+        code = main(["convert", str(tmp_path / name), str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -155,11 +155,14 @@ def convert_gguf(
         raise ConversionError(
             "reading GGUF needs the gguf package: pip install 'edgemind-runtime[gguf]'"
         ) from None
+    if not Path(src).is_file():
+        raise ConversionError(f"{src}: GGUF file not found")
     try:
         reader = gguf.GGUFReader(os.fspath(src))
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise ConversionError(
-            f"{src}: cannot read as GGUF ({type(exc).__name__}: {str(exc)[:100]})"
+            f"{src}: cannot read as GGUF (truncated, or not a GGUF file: "
+            f"{type(exc).__name__}: {str(exc)[:80]})"
         ) from None
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
