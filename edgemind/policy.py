@@ -28,6 +28,7 @@ QUOTA_ACTIONS = ("early_exit", "reject_request")
 READ_MODES = ("buffered", "direct")
 ENFORCE_MODES = ("off", "warn", "fail")
 TILING_MODES = ("auto", "off")
+KV_DTYPES = ("float32", "bfloat16")
 MAX_POLICY_BYTES = 1 << 20  # a policy file is a few lines
 MAX_POLICY_DEPTH = 8  # sections, keys, values: three levels are all a policy has
 MAX_HTTP_ADDR_CHARS = 270  # a 253-character host name, brackets, colon, port
@@ -44,6 +45,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "read_mode": "read_mode",
         "enforce": "enforce",
         "tiling": "tiling",
+        "kv_dtype": "kv_dtype",
     },
     "scheduler": {"on_memory_quota_exceeded": "on_memory_quota_exceeded"},
     "metrics": {"enable_http": "metrics_enable_http", "http_addr": "metrics_http_addr"},
@@ -68,6 +70,7 @@ class Policy:
     enforce: Literal["off", "warn", "fail"] = "warn"
     # "auto": split units whose weights do not fit into tiles (docs/design.md, "Tiles")
     tiling: Literal["auto", "off"] = "off"
+    kv_dtype: Literal["float32", "bfloat16"] = "float32"  # a decoder's KV cache
     on_memory_quota_exceeded: Literal["early_exit", "reject_request"] = "early_exit"
     metrics_enable_http: bool = False
     metrics_http_addr: str = "127.0.0.1:9090"
@@ -106,6 +109,11 @@ class Policy:
         if self.tiling not in TILING_MODES:
             raise PolicyError(
                 f"model.tiling: expected one of {', '.join(TILING_MODES)}, got {self.tiling!r}"
+            )
+        if self.kv_dtype not in KV_DTYPES:
+            raise PolicyError(
+                f"model.kv_dtype: expected one of {', '.join(KV_DTYPES)}, got "
+                f"{brief(self.kv_dtype)}"
             )
         if self.enforce not in ENFORCE_MODES:
             raise PolicyError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from edgemind.layers import bert as bert
 from edgemind.layers import dense as dense
+from edgemind.layers import gemma3 as gemma3
 from edgemind.layers import lm_head as lm_head
 from edgemind.layers import pooling as pooling
 from edgemind.layers.cost import (

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from edgemind.errors import ModelFormatError
 from edgemind.layers.registry import (
+    STATE_PREFIX,
     TILE_ACC,
     TILE_START,
     TILE_SUFFIX,
@@ -29,6 +30,8 @@ from edgemind.layers.registry import (
     freeze_config,
     get_kind,
     jitted,
+    state_layout,
+    state_nbytes,
 )
 from edgemind.planner.plan import (
     CostTable,
@@ -139,6 +142,8 @@ def _analyse(
     fn = jitted(kind, dict(config))
     args = (_structs(params), _structs(x)["x"], _structs(ctx))
     out = jax.eval_shape(fn, *args)
+    if get_kind(kind).state is not None and isinstance(out, tuple) and out:
+        out = out[0]  # a stateful kind returns (output, *state updates)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ModelFormatError(f"layer kind {kind!r} must return one array, got {out!r}")
     out_bytes = struct_nbytes(out)
@@ -156,14 +161,17 @@ def unit_cost(
     *,
     gather_rows: int | None = None,
     measure: Measure | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> tuple[UnitCost, jax.ShapeDtypeStruct]:
     """The cost of running ``spec`` on input ``x`` (with context ``ctx``), and its output.
 
     ``tensors`` are the bytes this request loads: a gathered tensor (config
     ``"gathered"``, an embedding table) costs only ``gather_rows`` rows, by default one
     per element of ``x`` (the chain input's ids, when ``spec`` is the first layer).
-    With ``measure``, the working set is ``max(memory_analysis, measured)`` and the cost
-    says ``working_set_source="measured"``.
+    A kind with state (a KV cache) is costed for the request shape ``dims``: its state
+    arrays join its context and their bytes are ``state_bytes``. With ``measure``, the
+    working set is ``max(memory_analysis, measured)`` and the cost says
+    ``working_set_source="measured"``.
 
     >>> from edgemind.weights.manifest import LayerSpec, TensorSpec
     >>> w = TensorSpec("w", "float32", (8, 4), 128, 0, "00000000")
@@ -187,7 +195,14 @@ def unit_cost(
         )
     rows = math.prod(x.shape) if gather_rows is None else gather_rows
     params = param_structs(spec, rows)
-    key = _unit_key(spec, x, ctx, rows)
+    try:
+        state_bytes = state_nbytes(kind, dims or {}, spec.config)
+        key = _unit_key(spec, x, unit_context(spec, ctx, dims or {}), rows)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFormatError(
+            f"{where}: its state cannot be sized for dims {dict(dims or {})} ({exc}); "
+            "give the request's batch and context"
+        ) from None
     try:
         out, working_set_bytes = _analyse(*key)
     except ModelFormatError as exc:
@@ -223,8 +238,22 @@ def unit_cost(
         pinnable=not gathered_tensors(spec),  # gathered rows belong to one request
         working_set_source=source,
         tiling=_tiling(spec, kind, params),
+        state_bytes=state_bytes,
     )
     return cost, out
+
+
+def unit_context(
+    spec: LayerSpec, ctx: Mapping[str, jax.ShapeDtypeStruct], dims: Mapping[str, int]
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The context a unit's apply receives: the request's, plus its state arrays (as
+    ``"state." + name``) when its kind keeps state."""
+    layout = state_layout(get_kind(spec.kind), dims, spec.config)
+    state = {
+        STATE_PREFIX + name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        for name, _, shape, dtype in layout
+    }
+    return {**ctx, **state}
 
 
 def _tiling(spec: LayerSpec, kind: LayerKind, params: Mapping[str, Any]) -> Tiling | None:
@@ -280,7 +309,7 @@ def _unit_inputs(
     x, rows = structs[0], math.prod(structs[0].shape)
     shapes = {}
     for spec in manifest.layers:
-        out = _analyse(*_unit_key(spec, x, ctx, rows))[0]
+        out = _analyse(*_unit_key(spec, x, unit_context(spec, ctx, dims), rows))[0]
         shapes[spec.name] = (x, out)
         if spec.exit_head is not None:
             head = spec.exit_head
@@ -345,7 +374,8 @@ def compiled_units(
     rows = math.prod(input_structs(manifest, dims)[0].shape)
     compiled = {}
     for name in units:
-        key = _unit_key(specs[name], shapes[name][0], ctx, rows)
+        spec = specs[name]
+        key = _unit_key(spec, shapes[name][0], unit_context(spec, ctx, dims), rows)
         compiled[name] = (key, _compile(*key))
     return compiled
 
@@ -367,7 +397,7 @@ def cost_table(
     layers: list[UnitCost] = []
     outputs: list[jax.ShapeDtypeStruct] = []
     for spec in manifest.layers:
-        cost, x = unit_cost(spec, x, ctx, gather_rows=rows, measure=measure)
+        cost, x = unit_cost(spec, x, ctx, gather_rows=rows, measure=measure, dims=dims)
         layers.append(cost)
         outputs.append(x)
     exits = []

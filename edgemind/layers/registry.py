@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +32,26 @@ LayerFn = jax.stages.Wrapped  # a jitted apply(params, x, ctx): call it, or .low
 TILE_SUFFIX = ".tile"  # the kind that runs one tile of ``kind`` is named ``kind + TILE_SUFFIX``
 TILE_START = "tile_start"  # ctx entry: the tile's first row (an int32 scalar)
 TILE_ACC = "tile_acc"  # ctx entry: the accumulator so far (absent for the first tile)
+STATE_PREFIX = "state."  # ctx entries of a stateful unit's state arrays: "state." + name
+STATE_ALIGNMENT = 64  # each state array's start inside its unit's buffer (zero-copy for JAX)
+
+StateShapes = Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype), in order
+
+
+@dataclasses.dataclass(frozen=True)
+class StateKind:
+    """State a kind keeps across the steps and requests of a session (a KV cache).
+
+    ``shapes(dims, **config)`` gives the arrays, by name and in layout order, for a
+    request shape (``dims`` has ``batch``, ``context``...). ``apply`` receives each one
+    read-only as ``ctx["state." + name]`` and returns ``(output, *updates)``; after the
+    call the executor hands the updates to ``write(state, updates, ctx, **config)``,
+    which stores them into the state arrays (NumPy views of the arena) in place. The
+    state itself never passes through XLA's allocator as an output.
+    """
+
+    shapes: Callable[..., StateShapes]
+    write: Callable[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +76,11 @@ class LayerKind:
     """
 
     name: str
-    apply: Callable[..., jax.Array]
-    reference: Callable[..., np.ndarray]
+    apply: Callable[..., Any]  # an array; (array, *state updates) for a kind with state
+    reference: Callable[..., Any]
     tensors: tuple[str, ...] = ()
     tiling: TileKind | None = None  # None: the kind's weights are only loaded whole
+    state: StateKind | None = None  # None: the kind keeps nothing between calls
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -95,6 +117,31 @@ def _tile_kind(kind: LayerKind, tiling: TileKind) -> LayerKind:
         parameters=[*base.parameters.values(), *extra]
     )
     return LayerKind(kind.name + TILE_SUFFIX, apply, kind.reference, kind.tensors)
+
+
+def state_layout(
+    kind: LayerKind, dims: Mapping[str, int], config: Mapping[str, Any]
+) -> tuple[tuple[str, int, tuple[int, ...], str], ...]:
+    """(name, byte offset, shape, dtype) of each state array of a unit of ``kind``, packed
+    in one buffer, each start aligned to :data:`STATE_ALIGNMENT`; empty without state."""
+    if kind.state is None:
+        return ()
+    layout = []
+    end = 0
+    for name, (shape, dtype) in kind.state.shapes(dims, **config).items():
+        offset = -(-end // STATE_ALIGNMENT) * STATE_ALIGNMENT
+        layout.append((name, offset, tuple(int(d) for d in shape), str(dtype)))
+        end = offset + math.prod(shape) * np.dtype(jax.numpy.dtype(dtype)).itemsize
+    return tuple(layout)
+
+
+def state_nbytes(kind: LayerKind, dims: Mapping[str, int], config: Mapping[str, Any]) -> int:
+    """Bytes of a unit's state buffer (0 without state)."""
+    layout = state_layout(kind, dims, config)
+    if not layout:
+        return 0
+    _, offset, shape, dtype = layout[-1]
+    return offset + math.prod(shape) * np.dtype(jax.numpy.dtype(dtype)).itemsize
 
 
 def known_kinds() -> tuple[str, ...]:

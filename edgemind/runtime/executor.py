@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from edgemind.errors import EdgemindError, MemoryBoundExceeded, MemoryQuotaExceeded
@@ -28,7 +29,13 @@ from edgemind.layers.cost import (
     gathered_tensors,
     param_structs,
 )
-from edgemind.layers.registry import TILE_ACC, TILE_START, get_kind
+from edgemind.layers.registry import (
+    STATE_PREFIX,
+    TILE_ACC,
+    TILE_START,
+    get_kind,
+    state_layout,
+)
 from edgemind.planner.plan import Buffer, Plan, Step
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.memory import SETTLE_SLACK_BYTES, sample_rss, settle_rss
@@ -52,13 +59,19 @@ class Executor:
         *,
         verify: bool = False,
         direct: bool = False,
+        arena: Arena | None = None,
     ):
+        """``arena``: share one with the executors of other plans of the same session
+        (a generation's prefill and decode plans, whose state lies at the same offsets):
+        it must be at least this plan's extent, and only one of them runs at a time
+        (:meth:`detach` the other first)."""
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.plan = plan
         self.verify = verify
         self.direct = direct  # O_DIRECT reads: the plan's slots hold whole 4 KiB blocks
         self._specs = {spec.name: spec for spec in all_layer_specs(manifest)}
+        self._dims = dict(dims)
         self._born: dict[int, list[Buffer]] = {}
         for buf in plan.buffers:
             if buf.offset_bytes is not None and buf.role not in _KEPT:
@@ -76,8 +89,14 @@ class Executor:
             warm_up(fn, key)  # kernels' one-time set-up belongs to the baseline, not a request
         self._rows = int(np.prod(plan.input_shape))  # ids a gathered table is read for
         self._pool = ThreadPoolExecutor(1, "edgemind-prefetch") if plan.prefetch_depth else None
+        self._owns_arena = arena is None
+        if arena is not None and arena.nbytes < plan.arena_bytes:
+            raise MemoryQuotaExceeded(
+                f"a shared arena of {format_bytes(arena.nbytes)} is smaller than the "
+                f"plan's {format_bytes(plan.arena_bytes)}"
+            )
         try:
-            self.arena: Arena | None = Arena(plan.arena_bytes)
+            self.arena: Arena | None = arena if arena is not None else Arena(plan.arena_bytes)
         except MemoryError:
             raise MemoryBoundExceeded(
                 f"{plan.model_name}: cannot allocate the plan's {format_bytes(plan.arena_bytes)} "
@@ -88,6 +107,7 @@ class Executor:
             ) from None
         self._files: dict[str, LayerFile] = {}  # open weight files, by unit
         self._param_views: dict[int, dict[str, np.ndarray]] = {}  # by weights buffer
+        self._state_views: dict[str, dict[str, np.ndarray]] = {}  # by unit
 
     # ------------------------------------------------------------------ loading
 
@@ -152,13 +172,53 @@ class Executor:
             self._param_views[buf.id] = params
         return params
 
+    def state(self, unit: str) -> dict[str, np.ndarray]:
+        """Typed views of a stateful unit's state arrays (its KV cache) in the arena."""
+        assert self.arena is not None
+        views = self._state_views.get(unit)
+        if views is None:
+            spec = self._specs[unit]
+            (buf,) = (b for b in self._state if b.layer == unit)
+            views = {}
+            for name, offset, shape, dtype in state_layout(
+                get_kind(spec.kind), self._dims, spec.config
+            ):
+                views[name] = self._view((buf.offset_bytes or 0) + offset, np.dtype(dtype), shape)
+            self._state_views[unit] = views
+        return views
+
+    def reset_state(self) -> None:
+        """Zero every state buffer: a new session starts with an empty KV cache."""
+        assert self.arena is not None
+        for buf in self._state:
+            self.arena.view(buf.offset_bytes or 0, buf.nbytes)[:] = 0
+
+    def adopt_pinned(self) -> None:
+        """Take over a shared arena whose pinned layers the previous executor placed
+        exactly where this plan places them: reserve them (and the state), read nothing."""
+        assert self.arena is not None
+        for buf in (*self._state, *self._pinned):
+            self.arena.reserve(buf, 0)
+        self._pinned_loaded = True
+
+    def detach(self) -> None:
+        """Give a shared arena to another plan's executor: this one's pinned and state
+        reservations leave the ledger (the state's bytes stay where they are), and its
+        pinned layers will be read again when it next runs."""
+        if self.arena is not None:
+            for buf in (*self._state, *self._pinned):
+                if self.arena.is_live(buf.id):
+                    self.arena.release(buf.id)
+        self._pinned_loaded = False
+
     def _load_pinned(self, ids: np.ndarray | None) -> dict[str, tuple[float, int]]:
         """Reserve and read the pinned layers once; later requests find them resident."""
         assert self.arena is not None
         loads = {}
-        for buf in self._state:  # reserved (zeroed) once; the session's, not a request's
+        for buf in self._state:  # reserved once; the session's, not a request's
             self.arena.reserve(buf, 0)
-            self.arena.view(buf.offset_bytes or 0, buf.nbytes)[:] = 0
+            if self._owns_arena:  # a shared arena's state is the session's: kept
+                self.arena.view(buf.offset_bytes or 0, buf.nbytes)[:] = 0
         for buf in self._pinned:
             self.arena.reserve(buf, 0)
             loads[buf.layer] = self._load(buf, ids)
@@ -298,14 +358,22 @@ class Executor:
             ctx = {**ctx, TILE_START: np.asarray(step.tile[0], np.int32)}
             if step.tile[0] > 0:
                 ctx[TILE_ACC] = self._activation(step.output, acts)
+        state_kind = get_kind(spec.kind).state
+        state: dict[str, np.ndarray] = {}
+        if state_kind is not None:  # the unit's KV cache: read in the call, written after
+            state = self.state(spec.name)
+            ctx = {**ctx, **{STATE_PREFIX + name: view for name, view in state.items()}}
         start = time.perf_counter()
         try:
             out = fn(params, self._activation(step.input, acts), ctx)
-            out.block_until_ready()  # the views may be overwritten after this step
+            jax.block_until_ready(out)  # the views may be overwritten after this step
         except Exception as exc:
             if not is_allocation_failure(exc):
                 raise
             raise allocation_error(exc, step.index, spec.name) from None
+        if state_kind is not None:
+            out, *updates = out
+            state_kind.write(state, updates, ctx, **spec.config)
         seconds = time.perf_counter() - start
         if step.output is None:
             return seconds, None
@@ -364,12 +432,16 @@ class Executor:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self.arena is not None:
-            self.arena.close()
+            if self._owns_arena:
+                self.arena.close()
+            else:
+                self.detach()
             self.arena = None
         for f in self._files.values():
             f.close()
         self._files.clear()
         self._param_views.clear()
+        self._state_views.clear()
         self._pinned_loaded = False
 
 

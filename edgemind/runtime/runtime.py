@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,20 @@ from edgemind.planner import level_min_capacity, make_plan
 from edgemind.planner.plan import CostTable, Plan
 from edgemind.policy import Policy, load_policy
 from edgemind.runtime.executor import Executor, tile_shapes
+from edgemind.runtime.generation import (
+    DEFAULT_CHUNK,
+    Chooser,
+    ContextTooLarge,
+    Generation,
+    GenerationRun,
+    Session,
+    check_prompts,
+    context_message,
+    greedy,
+    largest_context,
+    session_context,
+    vocab_size,
+)
 from edgemind.runtime.memory import BOUND_ALLOWANCE_BYTES, PeakRssMeter, configure_malloc
 from edgemind.runtime.report import Result
 from edgemind.runtime.workset import WorkingSetMeter
@@ -157,6 +171,7 @@ class Runtime:
         self._costs: dict[tuple[tuple[str, int], ...], CostTable] = {}
         self._plans: dict[tuple[tuple[str, int], ...], Plan] = {}
         self._executor: Executor | None = None
+        self._sessions: dict[tuple[int, int, int], Session] = {}  # generation shapes
         self.last_plan: Plan | None = None  # the plan of the latest request
         self._meter: PeakRssMeter | None = None
         self._lock = threading.Lock()
@@ -275,6 +290,106 @@ class Runtime:
         report = dataclasses.replace(result.report, observed_peak_bytes=observed)
         return Result(result.output, result.complete, result.exit_level, report)
 
+    # ------------------------------------------------------------------ generation
+
+    def session_dims(self, context: int) -> dict[str, int]:
+        """The dims a decoder's state is sized by: the context and the KV cache's width."""
+        return {"context": context, "kv_bits": 16 if self.policy.kv_dtype == "bfloat16" else 32}
+
+    def session(self, batch: int, context: int, chunk: int) -> Session:
+        """The plans (and, once run, the arena) of a generation shape; cached."""
+        key = (batch, context, chunk)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = Session(self, batch, context, chunk)
+        return session
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int = 32,
+        choose: Chooser | None = None,
+        stop_ids: Sequence[int] = (),
+        chunk: int = DEFAULT_CHUNK,
+        context: int | None = None,
+    ) -> Generation:
+        """Generate from a batch of prompts (token ids) until each row stops: a stop id,
+        ``max_tokens``, or (under ``early_exit``) the largest context that fits.
+
+        Raises :class:`ContextTooLarge` before reading any weight when the session does
+        not fit and the policy rejects. ``choose`` picks each step's tokens (greedy by
+        default; :class:`edgemind.sampling.Sampler` samples).
+        """
+        run = self.generate_stream(
+            prompts,
+            max_tokens=max_tokens,
+            choose=choose,
+            stop_ids=stop_ids,
+            chunk=chunk,
+            context=context,
+        )
+        for _ in run:
+            pass
+        assert run.result is not None
+        return run.result
+
+    def generate_stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int = 32,
+        choose: Chooser | None = None,
+        stop_ids: Sequence[int] = (),
+        chunk: int = DEFAULT_CHUNK,
+        context: int | None = None,
+    ) -> GenerationRun:
+        """Like :meth:`generate`, as an iterator of each step's tokens (see
+        :class:`~edgemind.runtime.generation.GenerationRun`); planned (and rejected) here,
+        run as it is iterated, one request at a time on this runtime."""
+        vocab = vocab_size(self.manifest)
+        rows = check_prompts(prompts, vocab)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise InputError(f"chunk must be a positive integer, got {chunk!r}")
+        longest = max(len(r) for r in rows)
+        chunk = min(chunk, longest)
+        padded = -(-longest // chunk) * chunk
+        needed = padded + max_tokens
+        ctx = session_context(padded, max_tokens) if context is None else int(context)
+        if ctx < needed and context is not None:
+            raise InputError(
+                f"context {ctx} is shorter than the padded prompt ({padded}) + max_tokens "
+                f"({max_tokens}) = {needed}"
+            )
+        session = self.session(len(rows), ctx, chunk)
+        limit = None
+        if not session.feasible:
+            largest = largest_context(self, len(rows), chunk, ctx)
+            message = context_message(session, needed, largest)
+            if self.policy.on_memory_quota_exceeded == "reject_request" or largest <= padded:
+                raise ContextTooLarge(
+                    message,
+                    largest_context=largest,
+                    needed_bytes=session.peak_bytes,
+                    capacity_bytes=session.capacity_bytes,
+                )
+            session, limit = self.session(len(rows), largest, chunk), largest
+        if self._executor is not None:  # one arena at a time
+            self._release_executor()
+        for other in self._sessions.values():
+            if other is not session:
+                other.close()
+        return GenerationRun(
+            session,
+            rows,
+            max_tokens=max_tokens,
+            choose=choose or greedy,
+            stop_ids=stop_ids,
+            limit=limit,
+        )
+
     def _guard(self, plan: Plan) -> Callable[[int, str], None]:
         """After each unit: the request's memory growth so far against the plan's peak +
         the allowance (growth within the request, so the host's own allocations between
@@ -337,6 +452,11 @@ class Runtime:
             self._release()
 
     def _release(self) -> None:
+        self._release_executor()
+        for session in self._sessions.values():
+            session.close()
+
+    def _release_executor(self) -> None:
         if self._executor is not None:
             self._executor.close()
             self._executor = None

@@ -124,7 +124,7 @@ def measure(compiled: jax.stages.Compiled, key: UnitKey, repeats: int = REPEATS)
         reset_peak_rss()
         before = sample_rss()
         out = compiled(params, x, ctx)
-        out.block_until_ready()
+        jax.block_until_ready(out)
         del out
         if before is None:
             return None

@@ -10,9 +10,10 @@ units through a table (:data:`ARCHITECTURES`); a tensor used by two units (Gemma
 
     edgemind convert gemma-3-270m-q4_k_m.gguf models/gemma3-270m
 
-The units' kinds (``gemma3_embed``, ``gemma3_block``, ``rms_norm``, ``gemma3_lm_head``)
-are the decoder's (they come with text generation); ``edgemind inspect`` shows a
-converted model already.
+The units' kinds are the decoder's (:mod:`edgemind.layers.gemma3`: ``gemma3_embed``,
+``gemma3_block``, ``rms_norm``; and ``lm_head``, run in tiles when the arena is smaller
+than the vocabulary's table). Inputs: the token ids, the chunk's first sequence index
+(``start``) and each row's left padding (``pad``).
 """
 
 from __future__ import annotations
@@ -74,17 +75,23 @@ def gemma3_layout(meta: Mapping[str, Any], tensors: Mapping[str, Any]) -> Iterat
     eps = float(_need(meta, "gemma3.attention.layer_norm_rms_epsilon"))
     embd = tensors.get("token_embd.weight")
     vocab = int(embd.shape[-1]) if embd is not None else 0  # GGUF: innermost dim first
+    embd_storage = _storage(embd) if embd is not None else "float32"
     yield Unit(
         "token_embd",
         "gemma3_embed",
-        {"hidden": hidden, "vocab_size": vocab, "scale": math.sqrt(hidden), "gathered": ["weight"]},
+        {
+            "hidden": hidden,
+            "vocab_size": vocab,
+            "scale": math.sqrt(hidden),
+            "gathered": ["weight"],
+            "storage": {"weight": embd_storage},
+        },
         {"weight": "token_embd.weight"},
     )
     heads = int(_need(meta, "gemma3.attention.head_count"))
     for i in range(blocks):
         full = (i + 1) % GEMMA3_SLIDING_PATTERN == 0
-        config = {
-            "index": i,
+        config: dict[str, Any] = {
             "hidden": hidden,
             "heads": heads,
             "kv_heads": int(meta.get("gemma3.attention.head_count_kv", heads)),
@@ -98,9 +105,17 @@ def gemma3_layout(meta: Mapping[str, Any], tensors: Mapping[str, Any]) -> Iterat
             ),
         }
         names = {t: f"blk.{i}.{t}.weight" for t in GEMMA3_BLOCK_TENSORS}
+        config["storage"] = {t: _storage(tensors[g]) for t, g in names.items() if g in tensors}
         yield Unit(f"blk.{i}", "gemma3_block", config, names)
-    yield Unit("output_norm", "rms_norm", {"eps": eps}, {"weight": "output_norm.weight"})
-    yield Unit("lm_head", "gemma3_lm_head", {"hidden": hidden}, {"weight": ""}, "token_embd")
+    norm = {"eps": eps, "last": True}  # generation needs the last position's logits only
+    yield Unit("output_norm", "rms_norm", norm, {"weight": "output_norm.weight"})
+    head = {"storage": embd_storage, "hidden": hidden, "vocab": vocab}
+    yield Unit("lm_head", "lm_head", head, {"weight": ""}, "token_embd")
+
+
+def _storage(tensor: Any) -> str:
+    """The storage type name of a GGUF tensor."""
+    return from_gguf_type(int(tensor.tensor_type)).name
 
 
 ARCHITECTURES: dict[str, Layout] = {"gemma3": gemma3_layout}
@@ -179,7 +194,11 @@ def convert_gguf(
     name = model_name or str(meta.get("general.name") or Path(src).stem)
     scalars = {k: v for k, v in meta.items() if not isinstance(v, list)}
     metadata = {"source": {"format": "gguf", "file": Path(src).name}, "gguf": scalars}
-    inputs = [InputSpec("input_ids", "int32", ("batch", "seq"))]
+    inputs = [
+        InputSpec("input_ids", "int32", ("batch", "seq")),
+        InputSpec("start", "int32", (1,)),  # the chunk's first sequence index
+        InputSpec("pad", "int32", ("batch",)),  # each row's leading padding
+    ]
     try:
         with ModelWriter(
             dst,
