@@ -1,8 +1,9 @@
 """The ``edgemind`` command: inspect, plan and run models from a terminal.
 
 Exit codes: 0 success (a complete run, a feasible plan); 1 a known error, reported
-on one line without a traceback; 2 bad usage; 3 the plan or run exits early;
-4 the request is infeasible and rejected. Only this module prints.
+on one line without a traceback; 2 bad usage; 3 the plan or run exits early (a
+generation stopped by its context: finish_reason "memory"); 4 the request is
+infeasible and rejected; 5 out of memory while running. Only the CLI modules print.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ POSITIVE_INT = _number(int, 1, "a positive integer")
 COUNT = _number(int, 0, "an integer >= 0")
 SEED = _number(int, 0, "a seed from 0 to 2**63 - 1")
 SECONDS = _number(float, 0.0, "seconds from 0 to 86400", 86400.0)
+NONNEGATIVE = _number(float, 0.0, "a number >= 0", 1e6)
 
 
 def _arena_size(text: str) -> int:
@@ -177,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--plot", metavar="PNG", help="draw the residency timeline (needs matplotlib)"
     )
+    plan.add_argument(
+        "--context",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="decoder models: plan a generation session of N positions (KV cache, tiles, "
+        "what is streamed per token, the largest context that fits); --seq is the chunk",
+    )
 
     run = sub.add_parser("run", parents=[_policy_flags()], help="run a model on an input")
     run.add_argument("model_dir", metavar="MODEL_DIR")
@@ -217,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="keep the metrics endpoint up S seconds after the last request",
     )
+    from edgemind.cli_generate import add_parser as add_generate
+
+    types = {"positive": POSITIVE_INT, "count": COUNT, "seed": SEED, "nonnegative": NONNEGATIVE}
+    add_generate(sub, [_policy_flags()], types)
     return parser
 
 
@@ -241,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convert": _cmd_convert,
         "plan": _cmd_plan,
         "run": _cmd_run,
+        "generate": _cmd_generate,
     }
     try:
         return commands[args.command](args)
@@ -277,7 +291,9 @@ def _print_failure_json(args: argparse.Namespace, verdict: str, exc: MemoryQuota
 # ---------------------------------------------------------------------------- commands
 
 
-def _policy(args: argparse.Namespace) -> Any:
+def _policy(args: argparse.Namespace, *, tiling: str | None = None) -> Any:
+    """The policy: the file (or defaults) with the flags given on top; ``tiling`` is the
+    command's own default for ``--tiling`` (generation tiles the LM head)."""
     from edgemind.policy import load_policy
 
     arena = args.arena_bytes if args.arena_size_bytes is None else args.arena_size_bytes
@@ -289,7 +305,8 @@ def _policy(args: argparse.Namespace) -> Any:
             "prefetch_depth": args.prefetch_depth,
             "on_memory_quota_exceeded": args.on_quota,
             "read_mode": args.read_mode,
-            "tiling": args.tiling,
+            "tiling": args.tiling or tiling,
+            "kv_dtype": getattr(args, "kv_dtype", None),
             "verify_checksums": True if getattr(args, "verify", False) else None,
         },
     )
@@ -367,6 +384,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     check_model_dir(args.model_dir)
     check_outputs(args)
+    if args.context is not None:
+        from edgemind.cli_generate import session_plan_command
+
+        return session_plan_command(args, _policy(args, tiling="auto"))
     runtime = Runtime.open(args.model_dir, _policy(args))
     plan = runtime.plan(**_dims(args))
     if args.out:
@@ -404,6 +425,13 @@ def _save_plan(plan: Any, path: str) -> None:
         os.chmod(path, new_file_mode())  # save_plan's mkstemp made it 0600
     except OSError as exc:
         raise PlanError(f"--out {path}: cannot write the plan ({write_failure(exc)})") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from edgemind.cli_generate import generate_command
+
+    check_model_dir(args.model_dir)
+    return generate_command(args, _policy(args, tiling="auto"))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

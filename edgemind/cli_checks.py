@@ -29,6 +29,11 @@ def ignored_flags(args: argparse.Namespace) -> str | None:
     With ``--text``/``--text-file`` the texts set the shape, so ``--batch``, ``--seq``
     and ``--seed`` are refused; ``--seed`` goes with ``--random-input`` only.
     """
+    if args.command == "generate":
+        for flag in ("batch", "seq"):
+            if getattr(args, flag) is not None:
+                return f"--{flag} does not apply to generate (the prompts set the batch); drop it"
+        return None
     if args.command != "run":
         return None
     if args.text is not None or args.text_file is not None:

@@ -28,9 +28,8 @@ pinned layers are read again when the two plans place them differently.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,11 +42,11 @@ from edgemind.planner.plan import Plan
 from edgemind.runtime.arena import Arena
 from edgemind.runtime.executor import Executor
 from edgemind.runtime.memory import PeakRssMeter
+from edgemind.sampling import Choice, Sampler, SamplingParams
 from edgemind.units import format_bytes
 
 CONTEXT_STEP = 256  # session contexts are planned (and compiled) in multiples of this
 DEFAULT_CHUNK = 64  # prefill tokens per step (fewer when the prompt is shorter)
-FINISH_REASONS = ("stop", "length", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +66,14 @@ class GeneratedToken:
     top: tuple[TokenLogprob, ...] = ()
 
 
-Chooser = Callable[[np.ndarray, Sequence[Sequence[int]]], Sequence[GeneratedToken]]
-"""(logits (batch, vocab) float32, each row's ids so far) -> one token per row."""
-
-
-def greedy(logits: np.ndarray, _: Sequence[Sequence[int]] = ()) -> list[GeneratedToken]:
-    """Argmax per row (ties to the lowest id) and the chosen token's log-probability.
-
-    >>> [t.id for t in greedy(np.array([[0.0, 2.0, 2.0], [5.0, 0.0, 1.0]], np.float32))]
-    [1, 0]
-    """
-    out = []
-    for row, values in enumerate(np.asarray(logits, np.float64)):
-        best = int(np.argmax(values))
-        top = values.max()
-        logz = top + math.log(np.exp(values - top).sum())
-        out.append(GeneratedToken(row, best, float(values[best] - logz)))
-    return out
+def tokens_of(choice: Choice) -> list[GeneratedToken]:
+    """A sampler's choice for a batch as one :class:`GeneratedToken` per row."""
+    return [
+        GeneratedToken(row, token, logprob, tuple(TokenLogprob(i, lp) for i, lp in top))
+        for row, (token, logprob, top) in enumerate(
+            zip(choice.token_ids, choice.logprobs, choice.top_logprobs, strict=True)
+        )
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,21 +333,25 @@ class GenerationRun:
         self,
         session: Session,
         prompts: list[list[int]],
+        sampling: SamplingParams,
         *,
-        max_tokens: int,
-        choose: Chooser,
-        stop_ids: Sequence[int] = (),
         pad_id: int = 0,
         limit: int | None = None,
     ):
         self.session = session
         self.prompts = prompts
-        self.max_tokens = max_tokens
-        self.choose = choose
-        self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.sampling = sampling
+        self.sampler = Sampler(sampling)
+        self.max_tokens = sampling.max_tokens
+        self.stop_ids = frozenset(sampling.stop_token_ids)
         self.pad_id = pad_id
         self.limit = limit or session.context  # positions the session may fill
         self.result: Generation | None = None
+        self._stopped: dict[int, str] = {}  # rows ended from outside (a stop string)
+
+    def stop_row(self, row: int, reason: str = "stop") -> None:
+        """End ``row`` before its next step (its consumer found a stop string)."""
+        self._stopped.setdefault(row, reason)
 
     def __iter__(self) -> Iterator[list[GeneratedToken]]:
         session, chunk = self.session, self.session.chunk
@@ -390,7 +384,8 @@ class GenerationRun:
         position = padded
         decode_started = time.perf_counter()
         while True:
-            tokens = list(self.choose(np.asarray(logits).reshape(batch, -1), histories))
+            choice = self.sampler.choose(np.asarray(logits).reshape(batch, -1), histories)
+            tokens = tokens_of(choice)
             emitted = []
             for tok in tokens:
                 if reasons[tok.row] is not None:
@@ -407,6 +402,9 @@ class GenerationRun:
             if not first_token_s:
                 first_token_s = time.perf_counter() - started
             yield emitted
+            for row, reason in self._stopped.items():
+                if reasons[row] is None:
+                    reasons[row] = reason
             if all(r is not None for r in reasons):
                 break
             step_start = time.perf_counter()

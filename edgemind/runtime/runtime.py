@@ -38,14 +38,12 @@ from edgemind.policy import Policy, load_policy
 from edgemind.runtime.executor import Executor, tile_shapes
 from edgemind.runtime.generation import (
     DEFAULT_CHUNK,
-    Chooser,
     ContextTooLarge,
     Generation,
     GenerationRun,
     Session,
     check_prompts,
     context_message,
-    greedy,
     largest_context,
     session_context,
     vocab_size,
@@ -53,6 +51,7 @@ from edgemind.runtime.generation import (
 from edgemind.runtime.memory import BOUND_ALLOWANCE_BYTES, PeakRssMeter, configure_malloc
 from edgemind.runtime.report import Result
 from edgemind.runtime.workset import WorkingSetMeter
+from edgemind.sampling import SamplingParams
 from edgemind.units import MIB, format_bytes
 from edgemind.weights.format import numpy_dtype
 from edgemind.weights.manifest import InputSpec, Manifest, all_layer_specs, load_manifest
@@ -307,28 +306,19 @@ class Runtime:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | None = None,
         *,
-        max_tokens: int = 32,
-        choose: Chooser | None = None,
-        stop_ids: Sequence[int] = (),
         chunk: int = DEFAULT_CHUNK,
         context: int | None = None,
     ) -> Generation:
-        """Generate from a batch of prompts (token ids) until each row stops: a stop id,
-        ``max_tokens``, or (under ``early_exit``) the largest context that fits.
+        """Generate from a batch of prompts (token ids, decoded together) until each row
+        stops: a stop id, ``sampling.max_tokens``, or (under ``early_exit``) the largest
+        context that fits. ``sampling`` defaults to greedy.
 
         Raises :class:`ContextTooLarge` before reading any weight when the session does
-        not fit and the policy rejects. ``choose`` picks each step's tokens (greedy by
-        default; :class:`edgemind.sampling.Sampler` samples).
+        not fit the capacity and the policy rejects.
         """
-        run = self.generate_stream(
-            prompts,
-            max_tokens=max_tokens,
-            choose=choose,
-            stop_ids=stop_ids,
-            chunk=chunk,
-            context=context,
-        )
+        run = self.generate_stream(prompts, sampling, chunk=chunk, context=context)
         for _ in run:
             pass
         assert run.result is not None
@@ -337,20 +327,19 @@ class Runtime:
     def generate_stream(
         self,
         prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | None = None,
         *,
-        max_tokens: int = 32,
-        choose: Chooser | None = None,
-        stop_ids: Sequence[int] = (),
         chunk: int = DEFAULT_CHUNK,
         context: int | None = None,
     ) -> GenerationRun:
         """Like :meth:`generate`, as an iterator of each step's tokens (see
-        :class:`~edgemind.runtime.generation.GenerationRun`); planned (and rejected) here,
-        run as it is iterated, one request at a time on this runtime."""
+        :class:`~edgemind.runtime.generation.GenerationRun`): planned, and rejected, when
+        called; run as it is iterated. ``chunk``: prompt tokens per prefill step;
+        ``context``: positions to plan for (default: the prompt and ``max_tokens``)."""
+        sampling = sampling or SamplingParams(temperature=0.0)
+        max_tokens = sampling.max_tokens
         vocab = vocab_size(self.manifest)
         rows = check_prompts(prompts, vocab)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         longest = max(len(r) for r in rows)
@@ -381,14 +370,7 @@ class Runtime:
         for other in self._sessions.values():
             if other is not session:
                 other.close()
-        return GenerationRun(
-            session,
-            rows,
-            max_tokens=max_tokens,
-            choose=choose or greedy,
-            stop_ids=stop_ids,
-            limit=limit,
-        )
+        return GenerationRun(session, rows, sampling, limit=limit)
 
     def _guard(self, plan: Plan) -> Callable[[int, str], None]:
         """After each unit: the request's memory growth so far against the plan's peak +

@@ -29,6 +29,7 @@ import numpy as np
 
 from edgemind.dtypes import from_gguf_type, row_nbytes, storage_type
 from edgemind.errors import ConversionError, EdgemindError, ModelFormatError, brief
+from edgemind.tokenizer import tokenizer_files_from_gguf
 from edgemind.weights.manifest import InputSpec
 from edgemind.weights.writer import ModelWriter, TensorSource
 
@@ -208,6 +209,9 @@ def convert_gguf(
             metadata=metadata,
             overwrite=overwrite,
         ) as writer:
+            if "tokenizer.ggml.tokens" in reader.fields:  # a file may carry no tokenizer
+                for file_name, data in tokenizer_files_from_gguf(src).items():
+                    writer.add_bytes(file_name, data)  # the vocabulary stays out of the manifest
             for unit in units:
                 if unit.shares is not None:
                     writer.add_shared_layer(

@@ -361,16 +361,29 @@ class ModelWriter:
 
         ``name`` is a plain file name inside the model directory, not ``manifest.json``.
         """
-        if self._tmp is None:
-            raise ModelFormatError("ModelWriter.add_file must be called inside `with ModelWriter`")
-        if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST_NAME, "layers"):
-            raise ModelFormatError(f"side file name {name!r} must be a plain file name")
+        target = self._side_file(name)
         try:
-            shutil.copyfile(source, self._tmp / name)
+            shutil.copyfile(source, target)
         except OSError as exc:
             raise ModelFormatError(
                 f"{source}: cannot copy into the model ({exc.strerror})"
             ) from None
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """A side file made in memory (a tokenizer converted from GGUF metadata)."""
+        target = self._side_file(name)
+        try:
+            target.write_bytes(data)
+        except OSError as exc:
+            raise _write_error(exc, self.out_dir, f"writing {name}") from None
+
+    def _side_file(self, name: str) -> Path:
+        """Where side file ``name`` goes in the directory being written (checked)."""
+        if self._tmp is None:
+            raise ModelFormatError("side files must be added inside `with ModelWriter`")
+        if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST_NAME, "layers"):
+            raise ModelFormatError(f"side file name {name!r} must be a plain file name")
+        return self._tmp / name
 
     def _write(
         self,
