@@ -335,6 +335,8 @@ def block_reference(
             visible = (k_index >= pad[b]) & (k_index <= index[i])
             if attention == "sliding" and window > 0:
                 visible &= index[i] - k_index < window
+            if not visible.any():  # a padding position: nothing to attend to, never read
+                continue
             for hd in range(heads):
                 s = keys[b, visible, hd // group] @ q[b, i, hd] / math.sqrt(head_dim)
                 w = np.exp(s - s.max())
