@@ -36,42 +36,57 @@ class GenerationMetrics:
             raise MetricsError(f"metrics: expected a model name, got {brief(model_name)}")
         self.model_name = model_name
         model = ("model",)
-        kw = {"namespace": NAMESPACE, "registry": registry}
         try:
             self._ttft = Histogram(
                 "generation_time_to_first_token_seconds",
                 "From the request to its first generated token (prefill included).",
                 model,
                 buckets=LATENCY_BUCKETS_S,
-                **kw,
+                namespace=NAMESPACE,
+                registry=registry,
             )
             self._token = Histogram(
                 "generation_token_seconds",
                 "Wall time of one decode step (one token for every row of the batch).",
                 model,
                 buckets=TOKEN_BUCKETS_S,
-                **kw,
+                namespace=NAMESPACE,
+                registry=registry,
             )
             self._tokens = Counter(
                 "generated_tokens",
                 "Tokens generated, by the finish reason of their sequence.",
                 ("model", "finish_reason"),
-                **kw,
+                namespace=NAMESPACE,
+                registry=registry,
             )
             self._prompt_tokens = Counter(
-                "prompt_tokens", "Prompt tokens prefilled (padding included).", model, **kw
+                "prompt_tokens",
+                "Prompt tokens prefilled (padding included).",
+                model,
+                namespace=NAMESPACE,
+                registry=registry,
             )
             self._kv = Gauge(
-                "kv_cache_bytes", "KV cache planned for the last generation.", model, **kw
+                "kv_cache_bytes",
+                "KV cache planned for the last generation.",
+                model,
+                namespace=NAMESPACE,
+                registry=registry,
             )
             self._read_per_token = Gauge(
                 "generation_read_bytes_per_token",
                 "Weight bytes read per decode step in the last generation.",
                 model,
-                **kw,
+                namespace=NAMESPACE,
+                registry=registry,
             )
             self._bytes_read = Counter(
-                "generation_weight_read_bytes", "Weight bytes read while generating.", model, **kw
+                "generation_weight_read_bytes",
+                "Weight bytes read while generating.",
+                model,
+                namespace=NAMESPACE,
+                registry=registry,
             )
         except ValueError as exc:  # a name already registered
             raise MetricsError(
