@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= models/toy
 
-.PHONY: demo test lint fuzz install-check bench bench-quick stress minilm gemma clean
+.PHONY: demo test lint fuzz install-check bench bench-quick bench-venv stress minilm gemma clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run_all.py --quick
+
+# The llama.cpp peer's venv (llama-cpp-python from source, CPU only, ~15 min once), outside
+# the tree at ${EDGEMIND_BENCH_VENV:-~/.cache/edgemind/bench-venv}; prints its path.
+bench-venv:
+	bash bench/llamacpp_venv.sh
 
 clean:
 	rm -rf $(VENV) models build *.egg-info .pytest_cache .mypy_cache .ruff_cache
