@@ -183,7 +183,8 @@ class Executor:
             for name, offset, shape, dtype in state_layout(
                 get_kind(spec.kind), self._dims, spec.config
             ):
-                views[name] = self._view((buf.offset_bytes or 0) + offset, np.dtype(dtype), shape)
+                start = (buf.offset_bytes or 0) + offset
+                views[name] = self._view(start, numpy_dtype(dtype), shape)
             self._state_views[unit] = views
         return views
 
