@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # `python bench/run_all.py`: make `bench` importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import (
+    bench_gemma,
     bench_integrity,
     bench_memory,
     bench_minilm,
@@ -141,6 +142,10 @@ def render(quick: bool) -> str:
         quantized = bench_quantized_minilm.quant_table(3 if quick else 7)
     except RuntimeError as exc:  # MiniLM or its extras are not installed
         quantized = f"Skipped: {exc}."
+    try:
+        gemma = bench_gemma.render(bench_gemma.run(16 if quick else 32, 1 if quick else 3))
+    except ImportError as exc:  # the GGUF package is not installed
+        gemma = f"Skipped: {exc}."
     cfg = stress.QUICK if quick else stress.FULL
     stress_rows = stress.stress(cfg)
     spent = time.perf_counter() - started
@@ -174,6 +179,9 @@ def render(quick: bool) -> str:
         "Cosine against the torch reference vectors (`tests/data`), a 64 MiB arena, the "
         "same batch of 8 sentences; latencies alternate between the types (medians):",
         quantized,
+        "## Text generation: Gemma 3 270M (Q4_K_M GGUF), against llama.cpp",
+        GEMMA_NOTES,
+        gemma,
         "## Integrity: the crc32 of a first read, on by default",
         "Each tensor's crc32 is checked the first time an opened weight file reads it (the "
         "first request after a model is opened or re-planned); later reads rely on the "
@@ -187,6 +195,16 @@ def render(quick: bool) -> str:
         stress.stress_table(cfg, stress_rows),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+GEMMA_NOTES = (
+    "`bench/bench_gemma.py`: the same ~100-token prompt, greedy, 32 tokens, medians of "
+    "3 runs after a warm-up run (compiles and measures); each edgemind case in a fresh "
+    "process, llama.cpp (llama-cpp-python, 2 threads) in the bench venv. A decode step "
+    "serves every row of the batch; `read MiB/token` is the weight bytes a step reads "
+    "(pinned layers excluded); planned/observed is the session's bound against the "
+    "process's RSS high-water mark above its warmed-up baseline."
+)
 
 
 def planner_table_note() -> str:
