@@ -59,6 +59,14 @@ _EXPORTS: dict[str, str] = {
     "LayerTiming": "edgemind.runtime.report",
     "embed": "edgemind.embedding",
     "Embeddings": "edgemind.embedding",
+    "SamplingParams": "edgemind.sampling",
+    "Sampler": "edgemind.sampling",
+    "StopMatcher": "edgemind.sampling",
+    "Tokenizer": "edgemind.tokenizer",
+    "Generation": "edgemind.runtime.generation",
+    "GenerationReport": "edgemind.runtime.generation",
+    "ContextTooLarge": "edgemind.runtime.generation",
+    "generate_text": "edgemind.textgen",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -99,9 +107,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from edgemind.planner.schedule import make_plan
     from edgemind.planner.verify import verify_plan
     from edgemind.policy import Policy, load_policy
+    from edgemind.runtime.generation import ContextTooLarge, Generation, GenerationReport
     from edgemind.runtime.memory import BOUND_ALLOWANCE_BYTES
     from edgemind.runtime.reference import InMemoryModel
     from edgemind.runtime.report import LayerTiming, Result, RunReport
     from edgemind.runtime.runtime import Runtime, run_model
+    from edgemind.sampling import Sampler, SamplingParams, StopMatcher
+    from edgemind.textgen import generate_text
+    from edgemind.tokenizer import Tokenizer
     from edgemind.weights.manifest import Manifest, load_manifest
     from edgemind.weights.writer import ModelWriter, TensorSource

@@ -9,6 +9,14 @@ import edgemind
 
 EXPECTED = {
     "__version__",
+    "SamplingParams",
+    "Sampler",
+    "StopMatcher",
+    "Tokenizer",
+    "Generation",
+    "GenerationReport",
+    "ContextTooLarge",
+    "generate_text",
     "EdgemindError",
     "ModelFormatError",
     "ChecksumError",
