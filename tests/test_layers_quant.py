@@ -16,7 +16,13 @@ from gguf.constants import GGMLQuantizationType
 
 from edgemind import dtypes
 from edgemind.errors import ModelFormatError
-from edgemind.layers.quant import DEQUANTIZABLE, dequantize, quant_matmul
+from edgemind.layers.quant import (
+    DEQUANTIZABLE,
+    DOT_CHUNK_BYTES,
+    KERNELS,
+    dequantize,
+    quant_matmul,
+)
 
 # where each quantized type keeps its f16 scales, in bytes from the block's start
 _F16_OFFSETS = {"q4_0": (0,), "q5_0": (0,), "q8_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
@@ -107,9 +113,12 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("name", dtypes.QUANTIZED_NAMES)
 @pytest.mark.parametrize("chunk_rows", [None, 7, 8, 40])
-def test_quant_matmul(name, chunk_rows):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("x_shape", [(3, 2), (1,)])
+def test_quant_matmul(name, chunk_rows, kernel, x_shape):
     """``x @ w.T`` with w (out, in): against float64 NumPy on gguf's dequantized w, for
-    the whole weight at once and in row chunks (7 leaves a tail, 8 divides 40)."""
+    the whole weight at once and in row chunks (7 leaves a tail, 8 divides 40), for one
+    row of x (the fused matrix-vector path) and several."""
     rng = np.random.default_rng(11)
     in_features = dtypes.storage_type(name).block_elements * 3
     if name in ("q4_k", "q6_k"):  # gguf's NumPy quantizer lacks K types: random blocks
@@ -118,29 +127,55 @@ def test_quant_matmul(name, chunk_rows):
         w = rng.normal(0, 1, (40, in_features)).astype(np.float32)
         raw = gguf.quants.quantize(w, _gguf_type(name))
     w_ref = _reference(name, raw, (40, in_features)).astype(np.float64)
-    x = rng.normal(0, 1, (3, 2, in_features)).astype(np.float32)
+    x = rng.normal(0, 1, (*x_shape, in_features)).astype(np.float32)
     chunk_bytes = None if chunk_rows is None else chunk_rows * 4 * in_features
-    fn = jax.jit(functools.partial(quant_matmul, chunk_bytes=chunk_bytes), static_argnums=(1, 3))
+    options = {"chunk_bytes": chunk_bytes, "kernel": kernel}
+    fn = jax.jit(functools.partial(quant_matmul, **options), static_argnums=(1, 3))
     got = np.asarray(fn(x, name, raw, (40, in_features)))
-    assert got.shape == (3, 2, 40) and got.dtype == np.float32
+    assert got.shape == (*x_shape, 40) and got.dtype == np.float32
     expected = x.astype(np.float64) @ w_ref.T
     scale = np.abs(x).astype(np.float64) @ np.abs(w_ref).T
     assert np.all(np.abs(got - expected) <= 1e-5 * scale + 1e-30)
 
 
-def test_quant_matmul_chunks_bound_xla_temporaries():
-    """A (4096, 640) q8_0 weight: whole, XLA's temporaries hold its 10 MiB of float32;
-    in 1 MiB chunks they hold about one chunk."""
-    shape = (4096, 640)
-    x = jax.ShapeDtypeStruct((1, 640), np.float32)
+def _temp_bytes(shape, batch, **options):
+    x = jax.ShapeDtypeStruct((batch, shape[1]), np.float32)
     raw = jax.ShapeDtypeStruct((dtypes.nbytes("q8_0", shape),), np.uint8)
+    fn = jax.jit(lambda x, b: quant_matmul(x, "q8_0", b, shape, **options))
+    return fn.lower(x, raw).compile().memory_analysis().temp_size_in_bytes
 
-    def temp_bytes(chunk_bytes):
-        fn = jax.jit(lambda x, b: quant_matmul(x, "q8_0", b, shape, chunk_bytes=chunk_bytes))
-        return fn.lower(x, raw).compile().memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes(None) >= 4 * 4096 * 640
-    assert temp_bytes(1 << 20) <= (1 << 20) + (64 << 10)
+def test_quant_matmul_chunks_bound_xla_temporaries():
+    """A (4096, 640) q8_0 weight: whole, the baseline's temporaries hold its 10 MiB of
+    float32; in 1 MiB chunks they hold about one chunk."""
+    shape = (4096, 640)
+    assert _temp_bytes(shape, 1, chunk_bytes=None, kernel="dequantize") >= 4 * 4096 * 640
+    assert _temp_bytes(shape, 1, chunk_bytes=1 << 20, kernel="dequantize") <= (1 << 20) + (64 << 10)
+
+
+@pytest.mark.parametrize("rows", [4096, 65536])
+def test_scaled_kernel_temporaries_do_not_grow_with_the_weight(rows):
+    """One row of x: no float32 weight at all; more rows: two chunks of bytes and scales,
+    and one of float32 (at most DOT_CHUNK_BYTES), whatever the weight's size."""
+    shape = (rows, 640)
+    assert _temp_bytes(shape, 1) <= 64 << 10
+    bound = DOT_CHUNK_BYTES * (1 + 2 * 36 / 128) + (64 << 10)  # f32 chunk + 2 q8_0 chunks
+    for batch in (2, 8, 64):
+        assert _temp_bytes(shape, batch) <= bound + 4 * batch * rows  # + the output
+
+
+def test_kernels_agree_on_gaussian_weights():
+    """The two kernels: the same dot products to float32 rounding, on every type."""
+    rng = np.random.default_rng(4)
+    for name in ("q4_0", "q5_0", "q8_0"):
+        w = rng.normal(0, 0.05, (300, 640)).astype(np.float32)
+        raw = gguf.quants.quantize(w, _gguf_type(name))
+        x = rng.normal(0, 1, (5, 640)).astype(np.float32)
+        ys = [
+            np.asarray(quant_matmul(x, name, raw, w.shape, kernel=k, chunk_bytes=64 << 10))
+            for k in KERNELS
+        ]
+        np.testing.assert_allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[1]).max())
 
 
 def test_quant_matmul_zero_rows_and_bad_x():
@@ -148,6 +183,8 @@ def test_quant_matmul_zero_rows_and_bad_x():
     assert quant_matmul(np.ones((2, 32)), "q8_0", raw, (0, 32)).shape == (2, 0)
     with pytest.raises(ModelFormatError, match="must end in in_features = 64"):
         quant_matmul(np.ones((2, 32)), "q8_0", np.zeros(68, np.uint8), (1, 64))
+    with pytest.raises(ModelFormatError, match="unknown kernel 'fast'"):
+        quant_matmul(np.ones((2, 32)), "q8_0", np.zeros(34, np.uint8), (1, 32), kernel="fast")
 
 
 # ------------------------------------------------------- real tensors: Gemma 3 270M GGUF
