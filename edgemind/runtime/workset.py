@@ -18,6 +18,7 @@ The cache is one JSON file, ``worksets-v1.json``, in ``$EDGEMIND_CACHE_DIR`` (de
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -75,7 +76,20 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "mmap_threshold": MMAP_THRESHOLD_BYTES,
         "synchronous_dispatch": synchronous_dispatch(),
+        "kernels": kernels_digest(),
     }
+
+
+@functools.cache
+def kernels_digest() -> str:
+    """A hash of the layer kinds' source (``edgemind/layers/*.py``): a kernel that changes
+    is measured again, whatever the version number says."""
+    import edgemind.layers
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(edgemind.layers.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _version(package: str) -> str:
