@@ -62,14 +62,16 @@ def empty_state(cfg: dict, batch: int, context: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(shape, np.float32) for name, _, shape, _ in layout}
 
 
-def run_steps(cfg, params, x, pads, chunks, context, use_reference):
-    """Feed ``x`` (batch, seq, hidden) in chunks; returns the concatenated outputs."""
+def run_steps(cfg, params, x, pads, chunks, context, use_reference, fresh=False):
+    """Feed ``x`` (batch, seq, hidden) in chunks; returns the concatenated outputs.
+    ``fresh``: trace the block again (after a test changed a module constant)."""
     state = empty_state(cfg, x.shape[0], context)
-    fn = (
-        (lambda p, h, c: gemma3.block_reference(p, h, c, **cfg))
-        if use_reference
-        else jitted("gemma3_block", cfg)
-    )
+    if use_reference:
+        fn = lambda p, h, c: gemma3.block_reference(p, h, c, **cfg)  # noqa: E731
+    elif fresh:
+        fn = jax.jit(lambda p, h, c: gemma3.block_apply(p, h, c, **cfg))
+    else:
+        fn = jitted("gemma3_block", cfg)
     outs, start = [], 0
     for size in chunks:
         ctx = {
@@ -105,6 +107,20 @@ def test_block_matches_the_reference_step_by_step(attention, window, context, ch
     real[1, :3] = False  # padding positions compute garbage nobody reads
     np.testing.assert_allclose(got[real], want[real], rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(state["k"], ref_state["k"], rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("key_block", [2, 3])
+def test_key_blocks_fold_in_exactly(monkeypatch, key_block):
+    """Keys in blocks smaller than the cache and the chunk (a loop, and a remainder):
+    the online softmax gives the reference's result."""
+    monkeypatch.setattr(gemma3, "KEY_BLOCK", key_block)
+    rng = np.random.default_rng(11)
+    params, cfg = block_params(rng), config("full", 0)
+    x = rng.standard_normal((2, 9, HIDDEN)).astype(np.float32)
+    pads = np.array([1, 0], np.int32)
+    got, _ = run_steps(cfg, params, x, pads, (5, 3, 1), 10, False, fresh=True)
+    want, _ = run_steps(cfg, params, x, pads, (5, 3, 1), 10, True)
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=2e-4, atol=2e-4)
 
 
 def test_chunking_does_not_change_the_result():

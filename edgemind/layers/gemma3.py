@@ -70,6 +70,8 @@ START = "start"  # ctx: (1,) int32, the sequence index of the chunk's first toke
 PAD = "pad"  # ctx: (batch,) int32, leading padding positions of each row
 KV_DTYPES = {32: "float32", 16: "bfloat16"}  # dims["kv_bits"] -> the cache's dtype
 QUERY_BLOCK = 128  # query rows whose scores exist at once (bounded attention)
+KEY_BLOCK = 512  # keys whose scores exist at once, folded in by an online softmax
+_MASKED = float(np.finfo(np.float32).min)  # the score of a key a query may not see
 
 
 # ---------------------------------------------------------------------- shared pieces
@@ -182,32 +184,71 @@ def write_kv(state: Mapping[str, np.ndarray], updates: Any, ctx: Context, **_: A
     state["v"][:, slots] = v_new[:, seq - keep :].astype(state["v"].dtype)
 
 
-def _attention(q, k, v, q_index, k_index, pad, window: int, scale: float) -> jax.Array:
-    """q (batch, seq, heads, d); k, v (batch, keys, kv_heads, d); indices per row.
+KeyPart = tuple[jax.Array, jax.Array, jax.Array]  # keys, values (batch, n, kv_heads, d), index (n,)
+
+
+def _attention(q, parts: list[KeyPart], q_index, pad, window: int, scale: float) -> jax.Array:
+    """q (batch, seq, heads, d) over the keys of ``parts`` (the cache, then the chunk's
+    own), each key with its sequence index.
 
     A key is visible to a query when it is not padding, not later than the query and,
-    with a window, among the ``window`` latest positions. Query blocks of
-    :data:`QUERY_BLOCK` rows bound the scores' memory.
+    with a window, among the ``window`` latest positions. Scores exist for
+    :data:`QUERY_BLOCK` queries x :data:`KEY_BLOCK` keys at a time: key blocks are folded
+    in with an online softmax (a running max and sum, as FlashAttention does), so the
+    working set does not grow with the context and the cache is never copied whole.
     """
     batch, seq, heads, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = parts[0][0].shape[2]
     group = heads // kv_heads
     # (batch, kv_heads, group, seq, d): the query heads that share a key head together
     qg = q.reshape(batch, seq, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
-    kt = k.transpose(0, 2, 3, 1)  # (batch, kv_heads, d, keys)
-    vt = v.transpose(0, 2, 1, 3)  # (batch, kv_heads, keys, d)
-    valid = k_index >= pad[:, None]  # (batch, keys)
 
-    def block(qb: jax.Array, qi: jax.Array) -> jax.Array:
-        scores = (qb @ kt[:, :, None]) * scale  # (batch, kv_heads, group, rows, keys)
-        seen = valid[:, None, :] & (k_index[:, None, :] <= qi[:, :, None])
-        if window > 0:
-            seen = seen & (qi[:, :, None] - k_index[:, None, :] < window)
-        scores = jnp.where(seen[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        return jax.nn.softmax(scores, axis=-1) @ vt[:, :, None]  # (b, kvh, g, rows, d)
+    def queries(qb: jax.Array, qi: jax.Array) -> jax.Array:
+        rows = qb.shape[3]
+        carry = (
+            jnp.full((batch, kv_heads, group, rows), _MASKED, jnp.float32),
+            jnp.zeros((batch, kv_heads, group, rows), jnp.float32),
+            jnp.zeros((batch, kv_heads, group, rows, d), jnp.float32),
+        )
+
+        def absorb(carry, kb: jax.Array, vb: jax.Array, ib: jax.Array):
+            top, total, acc = carry
+            scores = jnp.einsum("bhgqd,bnhd->bhgqn", qb, kb.astype(jnp.float32)) * scale
+            seen = (ib[None, None, :] >= pad[:, None, None]) & (ib[None, None, :] <= qi[..., None])
+            if window > 0:
+                seen = seen & (qi[..., None] - ib[None, None, :] < window)
+            seen = seen[:, None, None]  # (batch, 1, 1, rows, keys)
+            scores = jnp.where(seen, scores, _MASKED)
+            new_top = jnp.maximum(top, scores.max(axis=-1))
+            p = jnp.where(seen, jnp.exp(scores - new_top[..., None]), 0.0)
+            fade = jnp.exp(top - new_top)
+            acc = acc * fade[..., None] + jnp.einsum("bhgqn,bnhd->bhgqd", p, vb.astype(jnp.float32))
+            return new_top, total * fade + p.sum(axis=-1), acc
+
+        for keys, values, index in parts:
+            n = keys.shape[1]
+            whole = n // KEY_BLOCK if n > KEY_BLOCK else 0
+            if whole:
+
+                def body(i, c, keys=keys, values=values, index=index):
+                    at = i * KEY_BLOCK
+                    return absorb(
+                        c,
+                        jax.lax.dynamic_slice_in_dim(keys, at, KEY_BLOCK, axis=1),
+                        jax.lax.dynamic_slice_in_dim(values, at, KEY_BLOCK, axis=1),
+                        jax.lax.dynamic_slice_in_dim(index, at, KEY_BLOCK),
+                    )
+
+                carry = jax.lax.fori_loop(0, whole, body, carry)
+            rest = whole * KEY_BLOCK
+            if rest < n:
+                carry = absorb(carry, keys[:, rest:], values[:, rest:], index[rest:])
+        _, total, acc = carry
+        # a padding query sees nothing: 0, never read (and never NaN)
+        return acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
 
     if seq <= QUERY_BLOCK:
-        out = block(qg, q_index)
+        out = queries(qg, q_index)
     else:
         blocks = -(-seq // QUERY_BLOCK)
         padded = blocks * QUERY_BLOCK - seq
@@ -215,7 +256,7 @@ def _attention(q, k, v, q_index, k_index, pad, window: int, scale: float) -> jax
         ip = jnp.pad(q_index, ((0, 0), (0, padded)), mode="edge")
         qs = qp.reshape(batch, kv_heads, group, blocks, QUERY_BLOCK, d).transpose(3, 0, 1, 2, 4, 5)
         iss = ip.reshape(batch, blocks, QUERY_BLOCK).transpose(1, 0, 2)
-        out = jax.lax.map(lambda args: block(*args), (qs, iss))  # (blocks, b, kvh, g, r, d)
+        out = jax.lax.map(lambda args: queries(*args), (qs, iss))  # (blocks, b, kvh, g, r, d)
         out = out.transpose(1, 2, 3, 0, 4, 5).reshape(batch, kv_heads, group, -1, d)[:, :, :, :seq]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads * d)
 
@@ -255,15 +296,16 @@ def block_apply(
     q, k = _rope(q, positions, rope_base), _rope(k, positions, rope_base)
     v = v.reshape(batch, seq, kv_heads, head_dim)
 
-    cache_k = jnp.asarray(ctx[STATE_PREFIX + "k"]).astype(jnp.float32)
-    cache_v = jnp.asarray(ctx[STATE_PREFIX + "v"]).astype(jnp.float32)
+    cache_k = jnp.asarray(ctx[STATE_PREFIX + "k"])  # the cache's dtype, cast per key block
+    cache_v = jnp.asarray(ctx[STATE_PREFIX + "v"])
     ring = cache_k.shape[1]
-    keys = jnp.concatenate([cache_k.reshape(batch, ring, kv_heads, head_dim), k], axis=1)
-    values = jnp.concatenate([cache_v.reshape(batch, ring, kv_heads, head_dim), v], axis=1)
-    k_index = jnp.concatenate([slot_indices(start, ring), index])
-    k_index = jnp.broadcast_to(k_index, (batch, ring + seq))
+    cached = (
+        cache_k.reshape(batch, ring, kv_heads, head_dim),
+        cache_v.reshape(batch, ring, kv_heads, head_dim),
+        slot_indices(start, ring),
+    )
     win = window if attention == "sliding" else 0
-    a = _attention(q, keys, values, q_index, k_index, pad, win, head_dim**-0.5)
+    a = _attention(q, [cached, (k, v, index)], q_index, pad, win, head_dim**-0.5)
 
     o = _linear(a, params, "attn_output", types, hidden)
     x = x + _rms_norm(o, params["post_attention_norm"], eps)
