@@ -60,12 +60,13 @@ def _nibbles(qs: jax.Array) -> jax.Array:
 # A decoder is two functions of blocks ``(..., block_bytes)``: ``scales`` gives each
 # block's float32 scales (a tuple of arrays ``(...)`` or ``(..., k)``), ``values`` its
 # float32 values ``(..., block_elements)`` from the blocks and those scales. Split so
-# that quant_matmul can materialize the scales once: fused into the values, XLA decodes
-# a block's scales again for every one of its values (3x the time of the rest).
+# that quant_matmul can decode the scales apart: fused into the values, XLA decodes a
+# block's scales again for every one of its values (3x the time of the rest).
 Scales = tuple[jax.Array, ...]
 
 
-def _q8_0_scales(b: jax.Array) -> Scales:
+def _d_scale(b: jax.Array) -> Scales:
+    """The one f16 scale ``d`` that opens a q4_0, q5_0 or q8_0 block, ``(...)``."""
     return (_f16(b[..., 0], b[..., 1]),)
 
 
@@ -121,8 +122,7 @@ def _q6_k(b: jax.Array, s: Scales) -> jax.Array:
     lead = b.shape[:-1]
     # two halves of 128 values; in each, 64 bytes of low nibbles give 4 runs of 32
     # (low nibbles of bytes 0-31, of 32-63, then high nibbles of 0-31, of 32-63) ...
-    low = b[..., 0:128].reshape(*lead, 2, 1, 64) >> jnp.array([0, 4], jnp.uint8)[:, None]
-    low = (low & 0x0F).reshape(*lead, 8, 32)
+    low = _nibbles(b[..., 0:128].reshape(*lead, 2, 64)).reshape(*lead, 8, 32)
     # ... and 32 bytes of 2-bit fields give the same 4 runs, at shifts 0, 2, 4, 6
     shifts = jnp.array([0, 2, 4, 6], jnp.uint8)[:, None]
     high = (b[..., 128:192].reshape(*lead, 2, 1, 32) >> shifts) & 0x03
@@ -142,9 +142,9 @@ def _dense(dtype: Any) -> Callable[[jax.Array, Scales], jax.Array]:
 
 
 _DECODERS: dict[str, tuple[Callable[[jax.Array], Scales], Callable[..., jax.Array]]] = {
-    "q4_0": (_q8_0_scales, _q4_0),  # all three _0 types open with one f16 scale d
-    "q5_0": (_q8_0_scales, _q5_0),
-    "q8_0": (_q8_0_scales, _q8_0),
+    "q4_0": (_d_scale, _q4_0),
+    "q5_0": (_d_scale, _q5_0),
+    "q8_0": (_d_scale, _q8_0),
     "q4_k": (_q4_k_scales, _q4_k),
     "q6_k": (_q6_k_scales, _q6_k),
     # raw bytes of a float tensor (GGUF's F32 norms, say) decode the same way
@@ -152,6 +152,7 @@ _DECODERS: dict[str, tuple[Callable[[jax.Array], Scales], Callable[..., jax.Arra
     "float16": (_no_scales, _dense(jnp.float16)),
     "bfloat16": (_no_scales, _dense(jnp.bfloat16)),
 }
+
 CHUNK_BYTES = 4 << 20
 """Float32 weight bytes :func:`quant_matmul` may decode at a time (one row of x never
 writes any: XLA fuses the decoding into its dot)."""
