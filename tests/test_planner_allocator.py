@@ -15,6 +15,7 @@ from edgemind.planner import (
     Request,
     SweepFirstFit,
     TwoSided,
+    allocator,
 )
 
 STRATEGIES = (GreedyBySize(), TwoSided(), SweepFirstFit(), NaiveSlots())
@@ -87,3 +88,23 @@ def test_greedy_stacks_whole_span_buffers_at_the_bottom() -> None:
     assert placement.offsets[1] == 0 and placement.offsets[3] == 640
     assert placement.extent_bytes == 640 + 64 + 128
     assert GreedyBySize().place([]).extent_bytes == 0
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_numpy_columns_place_as_the_loops_do(seed: int, monkeypatch) -> None:
+    rng = random.Random(seed)
+    span = rng.choice((3, 40, 400))
+    requests = []
+    for _ in range(rng.randint(300, 900)):
+        first = rng.randint(0, span)
+        last = min(span, first + rng.choice((0, 1, 2, 3, span)))
+        if rng.random() < 0.05:
+            first, last = 0, span
+        nbytes = rng.choice((0, 64, 128, 64 * rng.randint(1, 4), rng.randint(0, 9000)))
+        requests.append(Request(nbytes, first, last, rng.randint(0, 1)))
+    monkeypatch.setattr(allocator, "_ROUND_MIN", rng.choice((1, 96, 10**6)))
+    monkeypatch.setattr(allocator, "_TAIL_LISTS", rng.choice((0, 512)))
+    columns = [GreedyBySize().place(requests), TwoSided().place(requests)]
+    monkeypatch.setattr(allocator, "VECTOR_MIN", 10**9)  # the plain loops
+    assert columns == [GreedyBySize().place(requests), TwoSided().place(requests)]
+    assert all(type(offset) is int for p in columns for offset in p.offsets)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from edgemind.errors import PlanError
-from edgemind.planner import CostTable, ExitCost, Plan, UnitCost, make_plan, verify_plan
+from edgemind.planner import CostTable, ExitCost, Plan, UnitCost, allocator, make_plan, verify_plan
 from edgemind.policy import Policy
 
 ALIGN = 64
@@ -248,3 +248,29 @@ def test_units_whose_weights_belong_to_the_request_are_never_pinned():
     assert plan.pinned_layers == ("l0", "l1", "l2")
     assert plan.streamed_bytes == 40_000
     assert verify_plan(plan, costs) == []
+
+
+def test_long_chains_plan_alike_on_numpy_columns_and_plain_loops(monkeypatch) -> None:
+    costs = random_costs(7, 400, "balanced")
+    policies = [
+        Policy(arena_capacity_bytes=capacity, prefetch_depth=depth, keep_resident_layers=keep)
+        for depth in (0, 1, 2)
+        for keep in (1, "auto")
+        for capacity in (1 << 40, 3_000_000)
+    ]
+    columns = [make_plan(costs, policy) for policy in policies]
+    monkeypatch.setattr(allocator, "VECTOR_MIN", 10**9)  # placements by the plain loops
+    assert columns == [make_plan(costs, policy) for policy in policies]
+
+
+def test_byte_counts_past_int64_are_planned_exactly() -> None:
+    costs = random_costs(3, 300)
+    layers = list(costs.layers)
+    layers[5] = dataclasses.replace(layers[5], tensors=(("huge", 1 << 70),))
+    costs = dataclasses.replace(costs, layers=tuple(layers))
+    plan = plan_ok(costs, arena_capacity_bytes=1 << 40, prefetch_depth=2)
+    assert not plan.complete and plan.min_capacity_bytes is not None
+    assert plan.min_capacity_bytes > 1 << 70
+    assert all(
+        type(b.nbytes) is int and type(b.offset_bytes) in (int, type(None)) for b in plan.buffers
+    )

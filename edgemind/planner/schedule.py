@@ -30,7 +30,9 @@ alignment, or 4 KiB blocks for direct reads) and placed by
 :class:`~edgemind.planner.allocator.TwoSided` (buffers born at alternate steps on
 alternate ends: exact on depth-1 chains) or, when that misses the arena's live bound,
 the better of it and :class:`~edgemind.planner.allocator.GreedyBySize`. Lifetimes are
-chain-shaped, so both run in about O(n log n). ``arena_bytes`` is the placed extent,
+chain-shaped, so both run in about O(n log n) (on NumPy columns for long chains). A
+layout is placed only when its peak is needed: its live bytes bound the peak from below
+and often settle a comparison alone. ``arena_bytes`` is the placed extent,
 ``peak_bytes = arena_bytes + max working set`` (the arena is allocated whole; XLA's pool
 comes on top), ``lower_bound_bytes`` the largest ``arena live + working set`` at any step.
 A plan is feasible iff ``peak_bytes <= capacity``.
@@ -57,15 +59,26 @@ live bytes, what is alive there, and ``missing_bytes = min_capacity - capacity``
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
+
 from edgemind.errors import PlanError
-from edgemind.planner.allocator import GreedyBySize, NaiveSlots, Request, TwoSided
+from edgemind.planner.allocator import (
+    SAFE_BYTES,
+    GreedyBySize,
+    Request,
+    TwoSided,
+    greedy_columns,
+    two_sided_columns,
+    vectorizable,
+)
 from edgemind.planner.plan import (
+    ROLES,
     Buffer,
     CostTable,
     Plan,
-    Role,
     Status,
     Step,
     TensorSlot,
@@ -75,7 +88,6 @@ from edgemind.planner.plan import (
 from edgemind.policy import Policy
 from edgemind.units import align_up, format_bytes
 
-_WEIGHT_ROLES = ("weights", "prefetch", "pinned")
 _PIN_ROUNDS = 8  # re-measure the spare capacity this many times while pinning
 
 
@@ -114,55 +126,110 @@ def tensor_slots(
     return tuple(slots)
 
 
-@dataclasses.dataclass
-class _Layout:
-    """The schedule of one chain at one depth with one pin set, as flat lists.
+_ROLE_CODE = {role: code for code, role in enumerate(ROLES)}
+_STATE, _WEIGHTS, _PREFETCH, _PINNED, _ACTIVATION, _ACCUMULATOR, _WORKING_SET = (
+    _ROLE_CODE[r]
+    for r in ("state", "weights", "prefetch", "pinned", "activation", "accumulator", "working_set")
+)
 
-    A *run* is a unit's run, or one tile of a tiled unit: ``runs[r] = (unit, tile)``.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class _Units:
+    """Per-unit figures of a chain, computed once per plan and shared by its layouts."""
 
     units: Sequence[UnitCost]
+    weights: list[int]  # bytes of the whole unit's weights buffer
+    output: list[int]  # aligned output bytes, 0 when none
+    working_set: list[int]
+    weight_bytes: list[int]  # UnitCost.weight_bytes
+    total_bytes: int  # every figure above summed: bounds any layout's byte sums
+
+
+def _unit_table(units: Sequence[UnitCost], align: int) -> _Units:
+    weights, output, working, raw = [], [], [], []
+    for unit in units:  # weights_nbytes and align_up inlined: chains have thousands
+        end = total = 0
+        for _, nbytes in unit.tensors:
+            end = -(-end // align) * align + nbytes
+            total += nbytes
+        weights.append(-(-end // align) * align)
+        output.append(-(-unit.output_bytes // align) * align)
+        working.append(unit.working_set_bytes)
+        raw.append(total)
+    total = sum(weights) + sum(output) + sum(working)
+    return _Units(units, weights, output, working, raw, total)
+
+
+@dataclasses.dataclass
+class _Layout:
+    """The schedule of one chain at one depth with one pin set, as NumPy columns.
+
+    A *run* is a unit's run, or one tile of a tiled unit: ``run(r) = (unit, tile)``.
+    Buffer columns are indexed by buffer id; run columns by run, -1 for none.
+    """
+
+    table: _Units
     depth: int
     pinned: frozenset[int]
     tiles: Mapping[int, Tiles]
-    runs: list[tuple[int, tuple[int, int] | None]]
-    steps: list[tuple[str, int]]  # (action, run index)
-    role: list[Role]
-    label: list[str]
-    unit_of: list[int]  # the unit a buffer belongs to; -1 for the input and context
-    run_of: list[int]  # the run a weights buffer belongs to; -1 for others
-    nbytes: list[int]
-    first: list[int]
-    last: list[int]
-    weights: list[int | None]  # per run
-    output: list[int | None]
-    inputs: list[int | None]
-    working: list[int | None]
-    offsets: list[int | None] = dataclasses.field(default_factory=list)
-    arena_bytes: int = 0
+    run_unit: np.ndarray  # (runs,) the unit each run belongs to
+    run_tiles: list[tuple[int, int] | None] | None  # per run; None when nothing is tiled
+    step_run: np.ndarray  # (steps,) the run each step belongs to
+    step_loads: np.ndarray  # (steps,) True for a load step
+    role: np.ndarray  # (buffers,) index into ROLES
+    labels: dict[int, str]  # buffers not named for their unit: state, context, input
+    unit_of: np.ndarray  # (buffers,) -1 for the input and context
+    run_of: np.ndarray  # (buffers,) the run a weights buffer belongs to; -1 for others
+    nbytes: np.ndarray  # (buffers,) int64, or Python ints (object) when sums could overflow
+    first: np.ndarray  # (buffers,)
+    last: np.ndarray  # (buffers,)
+    weights: np.ndarray  # (runs,)
+    output: np.ndarray  # (runs,)
+    inputs: np.ndarray  # (runs,)
+    working: np.ndarray  # (runs,)
     max_ws_bytes: int = 0
-    arena_live: list[int] = dataclasses.field(default_factory=list)
-    ws_live: list[int] = dataclasses.field(default_factory=list)
+    arena_live: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    ws_live: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    # placed on first use: many layouts are only compared, and their live bytes often
+    # settle the comparison (see fits and _least_peak)
+    placement: tuple[np.ndarray, int] | None = None  # (offsets, arena_bytes)
+
+    @property
+    def units(self) -> Sequence[UnitCost]:
+        return self.table.units
+
+    def run(self, r: int) -> tuple[int, tuple[int, int] | None]:
+        return int(self.run_unit[r]), None if self.run_tiles is None else self.run_tiles[r]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.placed()[0]
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.placed()[1]
+
+    def placed(self) -> tuple[np.ndarray, int]:
+        if self.placement is None:
+            self.placement = _place(self)
+        return self.placement
 
     @property
     def peak_bytes(self) -> int:
         return self.arena_bytes + self.max_ws_bytes
 
     @property
-    def lower_bound_bytes(self) -> int:
-        return max(a + w for a, w in zip(self.arena_live, self.ws_live, strict=True))
+    def floor_bytes(self) -> int:
+        """A lower bound on ``peak_bytes`` from the live bytes alone (no placement)."""
+        return int(self.arena_live.max()) + self.max_ws_bytes
 
-    def add(
-        self, role: Role, label: str, nbytes: int, first: int, last: int, unit: int, run: int = -1
-    ) -> int:
-        self.role.append(role)
-        self.label.append(label)
-        self.nbytes.append(nbytes)
-        self.first.append(first)
-        self.last.append(last)
-        self.unit_of.append(unit)
-        self.run_of.append(run)
-        return len(self.role) - 1
+    def fits(self, capacity: int) -> bool:
+        """``peak_bytes <= capacity``, placing only when the live bytes leave room."""
+        return self.floor_bytes <= capacity and self.peak_bytes <= capacity
+
+    @property
+    def lower_bound_bytes(self) -> int:
+        return int((self.arena_live + self.ws_live).max())
 
 
 def _runs(units: Sequence[UnitCost], tiles: Mapping[int, Tiles]) -> list[tuple]:
@@ -173,8 +240,61 @@ def _runs(units: Sequence[UnitCost], tiles: Mapping[int, Tiles]) -> list[tuple]:
     ]
 
 
+def _run_columns(
+    table: _Units, align: int, tiles: Mapping[int, Tiles], tile_ws: Mapping[tuple[str, int], int]
+) -> tuple[list[tuple[int, int] | None] | None, np.ndarray, list[int], list[int]]:
+    """Each run's tile (None: none is tiled), unit, weights bytes and working-set bytes."""
+    units = table.units
+    n = len(units)
+    if not tiles:
+        return None, np.arange(n), table.weights, table.working_set
+    runs = _runs(units, tiles)
+    sizes, working = [], []
+    for r, (k, tile) in enumerate(runs):
+        if tile is None:
+            sizes.append(table.weights[k])
+            working.append(table.working_set[k])
+            continue
+        last = r + 1 == len(runs) or runs[r + 1][0] != k
+        sizes.append(weights_nbytes(units[k], align, tile, last))
+        unit = units[k]
+        working.append(tile_ws.get((unit.name, tile[1] - tile[0]), unit.working_set_bytes))
+    return [tile for _, tile in runs], np.array([k for k, _ in runs]), sizes, working
+
+
+@dataclasses.dataclass
+class _Head:
+    """The buffers before the runs' (all alive from step 0), as they are added."""
+
+    role: list[int] = dataclasses.field(default_factory=list)
+    nbytes: list[int] = dataclasses.field(default_factory=list)
+    last: list[int] = dataclasses.field(default_factory=list)
+    unit: list[int] = dataclasses.field(default_factory=list)
+    run: list[int] = dataclasses.field(default_factory=list)
+    labels: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def add(
+        self,
+        role: int,
+        nbytes: int,
+        last: int,
+        unit: int = -1,
+        run: int = -1,
+        label: str | None = None,
+    ) -> int:
+        for column, value in zip(
+            (self.role, self.nbytes, self.last, self.unit, self.run),
+            (role, nbytes, last, unit, run),
+            strict=True,
+        ):
+            column.append(value)
+        if label is not None:
+            self.labels[len(self.role) - 1] = label
+        return len(self.role) - 1
+
+
 def _layout(
-    units: Sequence[UnitCost],
+    table: _Units,
     input_bytes: int,
     context_bytes: int,
     depth: int,
@@ -189,130 +309,166 @@ def _layout(
     A tiled unit's input lives until its last tile, and its output (an accumulator) from
     its first tile until the last run that reads it. ``tile_ws`` gives a tile's working
     set by (unit, rows); a tile without one is costed at its unit's whole working set.
+    Lifetimes are those of references (as tinygrad's memory planner derives them): a
+    buffer lives from the first step that touches it to the last.
     """
     tiles, tile_ws = tiles or {}, tile_ws or {}
-    runs = _runs(units, tiles)
-    n = len(runs)
-    last_of = {k: r for r, (k, _) in enumerate(runs)}  # the last run of each unit
-    first_of = {k: r for r, (k, _) in reversed(list(enumerate(runs)))}
-    sizes = [
-        weights_nbytes(units[k], align, tile, last_of[k] == r) for r, (k, tile) in enumerate(runs)
-    ]
-    streamed = [sizes[r] > 0 and k not in pinned for r, (k, _) in enumerate(runs)]
-    steps: list[tuple[str, int]] = []
-    run_step = [0] * n
-    for r in range(n):
-        if streamed[r] and (depth == 0 or r == 0):
-            steps.append(("load", r))
-        run_step[r] = len(steps)
-        steps.append(("run", r))
-    end = len(steps) - 1
-    lay = _Layout(
-        units, depth, pinned, tiles, runs, steps, [], [], [], [], [], [], [], [], [], [], []
-    )
-    # Lifetimes are derived from references (as tinygrad's memory planner does): each
-    # step lists the buffers it touches, and a buffer lives from its first reference to
-    # its last. Buffers of the session (state, context, pins) are referenced throughout;
-    # a read's weights from the step that starts reading them; the final output at the end.
-    refs: list[list[int]] = [[] for _ in steps]
+    units = table.units
+    n = len(units)
+    run_tiles, run_unit, size_list, ws_list = _run_columns(table, align, tiles, tile_ws)
+    extra = sum(align_up(b, align) for _, b in state) + context_bytes + input_bytes
+    # int64 when no byte sum can overflow; else exact Python ints (slow, never in practice)
+    dtype: type = np.int64 if 4 * (table.total_bytes + extra) + (1 << 40) < SAFE_BYTES else object
+    num_runs = len(run_unit)
+    index = np.arange(num_runs)
+    run_size: np.ndarray = np.array(size_list, dtype)
+    run_ws: np.ndarray = np.array(ws_list, dtype)
+    first_of = np.searchsorted(run_unit, np.arange(n))  # runs are in unit order
+    last_of = np.searchsorted(run_unit, np.arange(n), side="right") - 1
+    is_pinned = np.zeros(n, bool)
+    is_pinned[sorted(pinned)] = True
+    streamed = (run_size > 0) & ~is_pinned[run_unit]
+    loads = streamed if depth == 0 else streamed & (index == 0)
+    run_step = index + np.cumsum(loads)
+    num_steps = num_runs + int(loads.sum())
+    end = num_steps - 1
+    step_run = np.repeat(index, 1 + loads)
+    step_loads = np.zeros(num_steps, bool)
+    step_loads[run_step[loads] - 1] = True
 
-    def add(role: Role, label: str, nbytes: int, unit: int, run: int, *at: int) -> int:
-        buffer = lay.add(role, label, nbytes, -1, -1, unit, run)
-        for step in at:
-            refs[step].append(buffer)
-        return buffer
-
-    for name, nbytes in state:  # every unit's, whatever level runs: offsets never move
-        add("state", name, align_up(nbytes, align), -1, -1, 0, end)
+    # the session's buffers (state, context, pins) and the chain input come first
+    head = _Head()
+    for name, state_bytes in state:  # every unit's, whatever level runs: offsets never move
+        head.add(_STATE, align_up(state_bytes, align), end, label=name)
     if context_bytes > 0:
-        add("activation", "context", align_up(context_bytes, align), -1, -1, 0, end)
-    pin_buffer = {
-        k: add("pinned", units[k].name, sizes[first_of[k]], k, first_of[k], 0, end)
-        for k in sorted(pinned)
-    }
-    previous = None
+        head.add(_ACTIVATION, align_up(context_bytes, align), end, label="context")
+    pin_id = np.full(n, -1)
+    for k in sorted(pinned):
+        pin_id[k] = head.add(_PINNED, size_list[first_of[k]], end, k, int(first_of[k]))
+    input_id = -1
     if input_bytes > 0:
-        previous = add("activation", "input", align_up(input_bytes, align), -1, -1, 0)
-    output = None
-    for r, (k, tile) in enumerate(runs):
-        unit, here = units[k], run_step[r]
-        weights = pin_buffer.get(k)
-        if streamed[r]:
-            role: Role = "weights" if depth == 0 or r == 0 else "prefetch"
-            start = here - 1 if role == "weights" else run_step[max(0, r - depth)]
-            weights = add(role, unit.name, sizes[r], k, r, start, here)
-        elif weights is not None:
-            refs[here].append(weights)
-        if r == first_of[k]:
-            output = None
-            if unit.output_bytes > 0:
-                role = "activation" if tile is None else "accumulator"
-                output = add(role, unit.name, align_up(unit.output_bytes, align), k, -1)
-        for buffer in (previous, output):  # read, and written, by every run (tile) of k
-            if buffer is not None:
-                refs[here].append(buffer)
-        lay.weights.append(weights)
-        lay.inputs.append(previous)
-        lay.output.append(output)
-        if r == last_of[k]:
-            previous = output
-        ws_bytes = unit.working_set_bytes
-        if tile is not None:
-            ws_bytes = tile_ws.get((unit.name, tile[1] - tile[0]), ws_bytes)
-        ws = add("working_set", unit.name, ws_bytes, k, -1, here) if ws_bytes > 0 else None
-        lay.working.append(ws)
-    if previous is not None:
-        refs[end].append(previous)  # the result is the request's: alive to the end
-    for step, buffers in enumerate(refs):
-        for buffer in buffers:
-            if lay.first[buffer] < 0:
-                lay.first[buffer] = step
-            lay.last[buffer] = step
-    _place(lay)
+        last_read = int(run_step[last_of[0]])
+        input_id = head.add(_ACTIVATION, align_up(input_bytes, align), last_read, label="input")
+    num_head = len(head.role)
+
+    # then per run: its streamed weights, its unit's output (first run), its working set
+    out_bytes = np.array(table.output, dtype)[run_unit]
+    outs = (index == first_of[run_unit]) & (out_bytes > 0)
+    wss = run_ws > 0
+    count = streamed.astype(np.int64) + outs + wss
+    w_id = num_head + np.cumsum(count) - count
+    out_id = w_id + streamed
+    ws_id = out_id + outs
+    total = num_head + int(count.sum())
+    role = np.zeros(total, np.int8)
+    unit_of = np.full(total, -1)
+    run_of = np.full(total, -1)
+    nbytes: np.ndarray = np.zeros(total, dtype)
+    first = np.zeros(total, np.int64)
+    last = np.zeros(total, np.int64)
+    role[:num_head] = head.role
+    unit_of[:num_head] = head.unit
+    run_of[:num_head] = head.run
+    nbytes[:num_head] = np.array(head.nbytes, dtype)
+    last[:num_head] = head.last
+
+    at = w_id[streamed]
+    role[at] = np.where(loads, _WEIGHTS, _PREFETCH)[streamed]
+    unit_of[at] = run_unit[streamed]
+    run_of[at] = index[streamed]
+    nbytes[at] = run_size[streamed]
+    start = np.where(loads, run_step - 1, run_step[np.maximum(index - depth, 0)])
+    first[at] = start[streamed]
+    last[at] = run_step[streamed]
+
+    at = out_id[outs]
+    tiled = np.zeros(num_runs, bool)
+    if run_tiles is not None:
+        tiled[:] = [tile is not None for tile in run_tiles]
+    role[at] = np.where(tiled, _ACCUMULATOR, _ACTIVATION)[outs]
+    unit_of[at] = run_unit[outs]
+    nbytes[at] = out_bytes[outs]
+    first[at] = run_step[outs]
+    read_until = np.append(run_step[last_of[1:]], end)  # per unit: its reader's last run
+    last[at] = read_until[run_unit[outs]]
+
+    at = ws_id[wss]
+    role[at] = _WORKING_SET
+    unit_of[at] = run_unit[wss]
+    nbytes[at] = run_ws[wss]
+    first[at] = last[at] = run_step[wss]
+
+    unit_out = np.full(n, -1)
+    unit_out[run_unit[outs]] = out_id[outs]
+    unit_in = np.append(input_id, unit_out[:-1])
+    lay = _Layout(
+        table,
+        depth,
+        pinned,
+        tiles,
+        run_unit,
+        run_tiles,
+        step_run,
+        step_loads,
+        role,
+        head.labels,
+        unit_of,
+        run_of,
+        nbytes,
+        first,
+        last,
+        weights=np.where(streamed, w_id, pin_id[run_unit]),
+        output=unit_out[run_unit],
+        inputs=unit_in[run_unit],
+        working=np.where(wss, ws_id, -1),
+    )
+    _sweep_live(lay)
     return lay
 
 
-def _place(lay: _Layout) -> None:
+def _place(lay: _Layout) -> tuple[np.ndarray, int]:
     """State first, from offset 0 in unit order (so every plan of a model puts it at the
-    same offsets); the rest above it by the better of two strategies; then the live
-    bytes of every step."""
-    base = 0
-    lay.offsets = [None] * len(lay.role)
-    for i, role in enumerate(lay.role):
-        if role == "state":
-            lay.offsets[i] = base
-            base += lay.nbytes[i]
-    arena = [i for i, role in enumerate(lay.role) if role not in ("working_set", "state")]
-    first, last, nbytes = lay.first, lay.last, lay.nbytes
+    same offsets); the rest above it by the better of two strategies."""
+    state = np.flatnonzero(lay.role == _STATE)
+    offsets = np.zeros(len(lay.role), lay.nbytes.dtype)
+    tops = np.cumsum(lay.nbytes[state])
+    offsets[state] = tops - lay.nbytes[state]
+    base = tops[-1] if len(tops) else 0
+    arena = np.flatnonzero((lay.role != _WORKING_SET) & (lay.role != _STATE))
+    size, first, last = lay.nbytes[arena], lay.first[arena], lay.last[arena]
     # Buffers born at alternate steps go on alternate sides (ping-pong): on a chain whose
     # buffers overlap only their neighbours (prefetch depth 1) that reaches the bound.
-    requests = [Request(nbytes[i], first[i], last[i], first[i] % 2) for i in arena]
-    placement = TwoSided().place(requests)
-    _sweep_live(lay)
-    if base + placement.extent_bytes > max(lay.arena_live, default=0):
-        placement = min(placement, GreedyBySize().place(requests), key=lambda p: p.extent_bytes)
-    for i, offset in zip(arena, placement.offsets, strict=True):
-        lay.offsets[i] = base + offset
-    lay.arena_bytes = base + placement.extent_bytes
+    group = first % 2
+    if len(arena) == 0:
+        placed, extent = offsets[arena], 0
+    elif vectorizable(size, first, last):
+        placed, extent = two_sided_columns(size, first, last, group)
+        if base + extent > lay.arena_live.max():
+            greedy, greedy_extent = greedy_columns(size, first, last)
+            if greedy_extent < extent:
+                placed, extent = greedy, greedy_extent
+    else:
+        columns = (size.tolist(), first.tolist(), last.tolist(), group.tolist())
+        requests = [Request(*r) for r in zip(*columns, strict=True)]
+        placement = TwoSided().place(requests)
+        if base + placement.extent_bytes > lay.arena_live.max():
+            placement = min(placement, GreedyBySize().place(requests), key=lambda p: p.extent_bytes)
+        placed, extent = np.array(placement.offsets, lay.nbytes.dtype), placement.extent_bytes
+    offsets[arena] = base + placed
+    return offsets, int(base + extent)
 
 
 def _sweep_live(lay: _Layout) -> None:
     """Arena and working-set bytes alive at every step, by a difference-array sweep."""
-    delta = [0] * (len(lay.steps) + 1)
-    lay.ws_live = [0] * len(lay.steps)
-    for i, role in enumerate(lay.role):
-        if role == "working_set":
-            for step in range(lay.first[i], lay.last[i] + 1):
-                lay.ws_live[step] += lay.nbytes[i]
-        else:
-            delta[lay.first[i]] += lay.nbytes[i]
-            delta[lay.last[i] + 1] -= lay.nbytes[i]
-    live = 0
-    lay.arena_live = []
-    for step in range(len(lay.steps)):
-        live += delta[step]
-        lay.arena_live.append(live)
-    lay.max_ws_bytes = max(lay.ws_live, default=0)
+    num_steps = len(lay.step_run)
+    lives = []
+    for mask in (lay.role != _WORKING_SET, lay.role == _WORKING_SET):
+        delta = np.zeros(num_steps + 1, lay.nbytes.dtype)
+        np.add.at(delta, lay.first[mask], lay.nbytes[mask])
+        np.subtract.at(delta, lay.last[mask] + 1, lay.nbytes[mask])
+        lives.append(np.cumsum(delta[:num_steps]))
+    lay.arena_live, lay.ws_live = lives
+    lay.max_ws_bytes = int(lay.ws_live.max())
 
 
 def validate_costs(costs: CostTable) -> None:
@@ -324,10 +480,14 @@ def validate_costs(costs: CostTable) -> None:
         _check_size(where, field, getattr(costs, field))
     heads = [e.head for e in costs.exits if e.head is not None]
     for unit in (*costs.layers, *heads):
-        for field in ("output_bytes", "working_set_bytes", "state_bytes"):
-            _check_size(f"{where}, unit {unit.name!r}", field, getattr(unit, field))
+        sizes = (unit.output_bytes, unit.working_set_bytes, unit.state_bytes)
+        # the common case at a glance (plain non-negative ints); the rest says what is wrong
+        if any(type(n) is not int or n < 0 for n in sizes):
+            for field in ("output_bytes", "working_set_bytes", "state_bytes"):
+                _check_size(f"{where}, unit {unit.name!r}", field, getattr(unit, field))
         for name, nbytes in unit.tensors:
-            _check_size(f"{where}, unit {unit.name!r}", f"tensor {name!r}", nbytes)
+            if type(nbytes) is not int or nbytes < 0:
+                _check_size(f"{where}, unit {unit.name!r}", f"tensor {name!r}", nbytes)
     if not costs.exits:
         raise PlanError(f"{where}: no exits; the last exit must follow the last layer")
     previous = -1
@@ -371,14 +531,19 @@ def make_plan(
     heads = [e.head for e in costs.exits if e.head is not None]
     state = [(u.name, u.state_bytes) for u in (*costs.layers, *heads) if u.state_bytes > 0]
 
+    tables: dict[int, _Units] = {}  # by id(units): the chains planned share their figures
+
     def build(
         units: Sequence[UnitCost],
         depth: int,
         pinned: frozenset[int],
         tiles: Mapping[int, Tiles] | None = None,
     ) -> _Layout:
+        table = tables.get(id(units))
+        if table is None or table.units is not units:
+            table = tables[id(units)] = _unit_table(units, policy.buffer_alignment_bytes)
         return _layout(
-            units,
+            table,
             costs.input_bytes,
             costs.context_bytes,
             depth,
@@ -392,8 +557,8 @@ def make_plan(
     complete = chain_units(costs, costs.num_levels)
     top = _effective_depth(policy.prefetch_depth, len(complete), notes)
     candidates = [build(complete, d, frozenset()) for d in range(top, -1, -1)]
-    min_capacity = min(lay.peak_bytes for lay in candidates)
-    chosen = next((lay for lay in candidates if lay.peak_bytes <= capacity), None)
+    min_capacity = _least_peak(candidates)
+    chosen = next((lay for lay in candidates if lay.fits(capacity)), None)
     deepest = candidates[0]  # the chosen chain at the depth asked for
     if policy.tiling == "auto" and any(u.tiling is not None for u in complete):
         # Tiles when the whole units do not fit; they always count towards the smallest
@@ -450,6 +615,17 @@ def make_plan(
 _Build = Callable[..., _Layout]
 
 
+def _least_peak(layouts: Sequence[_Layout]) -> int:
+    """The least ``peak_bytes``, placing only the layouts whose live bytes could beat it."""
+    best: int | None = None
+    for lay in sorted(layouts, key=lambda lay: lay.floor_bytes):
+        if best is not None and lay.floor_bytes >= best:
+            break
+        best = lay.peak_bytes if best is None else min(best, lay.peak_bytes)
+    assert best is not None, "a chain has at least one layout"
+    return best
+
+
 def _effective_depth(requested: int, num_units: int, notes: list[str] | None = None) -> int:
     """Depths past the chain's end overlap nothing more: cap them at ``units - 1``."""
     depth = min(requested, num_units - 1)
@@ -502,7 +678,7 @@ def _deepest_exit(
         deepest = build(units, top, frozenset())
         for depth in range(top, -1, -1):
             lay = deepest if depth == top else build(units, depth, frozenset())
-            if lay.peak_bytes <= capacity:
+            if lay.fits(capacity):
                 return level, lay, deepest
     return None
 
@@ -521,16 +697,17 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
     align = policy.buffer_alignment_bytes
     # A unit whose weights are the request's own rows (an embedding gather) cannot be
     # kept for the next request: it is read every time.
+    asked = policy.keep_resident_layers
+    if asked != "auto" and asked <= 1:
+        return lay
     heavy = [
         k
         for k, unit in enumerate(units)
         if unit.weight_bytes > 0 and unit.pinnable and k not in lay.tiles  # tiles stream
     ]
-    asked = policy.keep_resident_layers
     limit = len(heavy) if asked == "auto" else min(asked - 1, len(heavy))
-    if asked != "auto" and asked <= 1:
-        return lay
-    order = sorted(heavy, key=lambda k: (-weights_nbytes(units[k], align), k))
+    size = {k: weights_nbytes(units[k], align) for k in heavy}
+    order = sorted(heavy, key=lambda k: (-size[k], k))
     pinned: list[int] = []
     for _ in range(_PIN_ROUNDS):
         # Conservative: a pin adds its bytes and may or may not shrink the streamed part;
@@ -539,14 +716,13 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
         taken = set(pinned)
         added: list[int] = []
         for k in order:
-            size = weights_nbytes(units[k], align)
-            if len(pinned) + len(added) < limit and k not in taken and size <= slack:
+            if len(pinned) + len(added) < limit and k not in taken and size[k] <= slack:
                 added.append(k)
-                slack -= size
+                slack -= size[k]
         if not added:
             break
         trial = build(units, lay.depth, frozenset(pinned + added), lay.tiles)
-        if trial.peak_bytes <= policy.arena_capacity_bytes:
+        if trial.fits(policy.arena_capacity_bytes):
             pinned, lay = pinned + added, trial
             continue
         # Greedy placement is not monotone: keep the longest prefix of this round that fits.
@@ -554,7 +730,7 @@ def _pin(lay: _Layout, policy: Policy, build: _Build, notes: list[str]) -> _Layo
         while hi - lo > 1:
             mid = (lo + hi) // 2
             trial = build(units, lay.depth, frozenset(pinned + added[:mid]), lay.tiles)
-            if trial.peak_bytes <= policy.arena_capacity_bytes:
+            if trial.fits(policy.arena_capacity_bytes):
                 lo, lay = mid, trial
             else:
                 hi = mid
@@ -620,7 +796,7 @@ def _first_tiled_fit(tiled: list[list[_Layout]], capacity: int) -> tuple[_Layout
     largest tiles at that depth."""
     for depth in range(max(len(row) for row in tiled) - 1, -1, -1):
         for row in tiled:
-            if depth < len(row) and row[len(row) - 1 - depth].peak_bytes <= capacity:
+            if depth < len(row) and row[len(row) - 1 - depth].fits(capacity):
                 return row[len(row) - 1 - depth], row[0]
     return None
 
@@ -639,7 +815,7 @@ def _untile(lay: _Layout, capacity: int, build: _Build) -> _Layout:
     for k in order:
         tiles = {j: ranges for j, ranges in lay.tiles.items() if j != k}
         trial = build(lay.units, lay.depth, lay.pinned, tiles)
-        if trial.peak_bytes <= capacity:
+        if trial.fits(capacity):
             lay = trial
     return lay
 
@@ -654,20 +830,37 @@ def _tiles_note(lay: _Layout) -> str:
 
 
 def _witness(lay: _Layout, capacity: int, min_capacity: int) -> Witness:
-    live = [a + w for a, w in zip(lay.arena_live, lay.ws_live, strict=True)]
-    step = live.index(max(live))
-    alive = tuple(i for i in range(len(lay.role)) if lay.first[i] <= step <= lay.last[i])
-    unit = lay.units[lay.runs[lay.steps[step][1]][0]]
+    step = int(np.argmax(lay.arena_live + lay.ws_live))  # the first of the largest
+    alive = tuple(np.flatnonzero((lay.first <= step) & (lay.last >= step)).tolist())
+    unit = lay.units[lay.run(int(lay.step_run[step]))[0]]
     return Witness(step, unit.name, alive, min_capacity - capacity)
 
 
-def _slots(lay: _Layout, buffer: int, align: int) -> tuple[TensorSlot, ...]:
+def _slots(lay: _Layout, k: int, r: int, align: int) -> tuple[TensorSlot, ...]:
     """The tensor slots of a weights buffer: its run's tensors, or its tile's rows."""
-    k = lay.unit_of[buffer]
-    r = lay.run_of[buffer]
-    tile = lay.runs[r][1] if r >= 0 else None
-    last = r < 0 or r + 1 == len(lay.runs) or lay.runs[r + 1][0] != k
+    tile = lay.run_tiles[r] if r >= 0 and lay.run_tiles is not None else None
+    if tile is None:  # tensor_slots of the whole unit, inlined: plans have thousands
+        slots = []
+        end = 0
+        for name, nbytes in lay.units[k].tensors:
+            offset = -(-end // align) * align
+            slots.append(TensorSlot(name, offset, nbytes))
+            end = offset + nbytes
+        return tuple(slots)
+    last = r + 1 == len(lay.run_unit) or lay.run_unit[r + 1] != k
     return tensor_slots(lay.units[k], align, tile, last)
+
+
+def _by_step(ids: np.ndarray, steps: np.ndarray, num_steps: int) -> list[tuple[int, ...]]:
+    """Per step, the ``ids`` whose ``steps`` entry is that step, in id order."""
+    order = np.argsort(steps, kind="stable")
+    bounds = np.searchsorted(steps[order], np.arange(num_steps + 1)).tolist()
+    sorted_ids = ids[order].tolist()
+    return [tuple(sorted_ids[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _or_none(column: np.ndarray) -> list[int | None]:
+    return [None if x < 0 else x for x in column.tolist()]
 
 
 def _materialize(
@@ -684,48 +877,68 @@ def _materialize(
 ) -> Plan:
     align = policy.buffer_alignment_bytes
     units = lay.units
+    names = [u.name for u in units]
+    num_buffers, num_steps = len(lay.role), len(lay.step_run)
+    ids = np.arange(num_buffers)
+    roles = [ROLES[code] for code in lay.role.tolist()]
+    units_of = lay.unit_of.tolist()
+    labels = [lay.labels[i] if k < 0 else names[k] for i, k in enumerate(units_of)]
+    in_xla = lay.role == _WORKING_SET
+    offsets: list[int | None] = lay.offsets.tolist()
+    for i in np.flatnonzero(in_xla).tolist():
+        offsets[i] = None
+    tensors: list[tuple[TensorSlot, ...]] = [()] * num_buffers
+    weight_roles = np.isin(lay.role, (_WEIGHTS, _PREFETCH, _PINNED))
+    runs_of = lay.run_of.tolist()
+    for i in np.flatnonzero(weight_roles).tolist():
+        tensors[i] = _slots(lay, units_of[i], runs_of[i], align)
     buffers = tuple(
-        Buffer(
-            i,
-            lay.role[i],
-            lay.label[i],
-            lay.nbytes[i],
-            lay.offsets[i],
-            lay.first[i],
-            lay.last[i],
-            _slots(lay, i, align) if lay.role[i] in _WEIGHT_ROLES else (),
+        map(
+            Buffer,
+            ids.tolist(),
+            roles,
+            labels,
+            lay.nbytes.tolist(),
+            offsets,
+            lay.first.tolist(),
+            lay.last.tolist(),
+            tensors,
         )
-        for i in range(len(lay.role))
     )
-    loads: list[list[int]] = [[] for _ in lay.steps]
-    frees: list[list[int]] = [[] for _ in lay.steps]
-    for b in buffers:
-        frees[b.last_step].append(b.id)
-        if b.role in ("weights", "prefetch"):
-            loads[b.first_step].append(b.id)
+    streaming = np.isin(lay.role, (_WEIGHTS, _PREFETCH))
+    loads = _by_step(ids[streaming], lay.first[streaming], num_steps)
+    frees = _by_step(ids, lay.last, num_steps)
+    weights, inputs, outputs, working = (
+        _or_none(c) for c in (lay.weights, lay.inputs, lay.output, lay.working)
+    )
+    arena_live, ws_live = lay.arena_live.tolist(), lay.ws_live.tolist()
+    run_units = lay.run_unit.tolist()
     steps = []
-    for index, (action, r) in enumerate(lay.steps):
-        run = action == "run"
-        k, tile = lay.runs[r]
-        steps.append(
-            Step(
-                index,
-                "run" if run else "load",
-                units[k].name,
-                tuple(loads[index]),
-                lay.weights[r] if run else None,
-                lay.inputs[r] if run else None,
-                lay.output[r] if run else None,
-                lay.working[r] if run else None,
-                tuple(frees[index]),
-                lay.arena_live[index],
-                lay.ws_live[index],
-                tile if run else None,
+    for index, (is_load, r) in enumerate(
+        zip(lay.step_loads.tolist(), lay.step_run.tolist(), strict=True)
+    ):
+        name, live = names[run_units[r]], (arena_live[index], ws_live[index])
+        if is_load:
+            step = Step(
+                index, "load", name, loads[index], None, None, None, None, frees[index], *live
             )
-        )
-    arena = [
-        Request(b.nbytes, b.first_step, b.last_step) for b in buffers if b.offset_bytes is not None
-    ]
+        else:
+            tile = None if lay.run_tiles is None else lay.run_tiles[r]
+            step = Step(
+                index,
+                "run",
+                name,
+                loads[index],
+                weights[r],
+                inputs[r],
+                outputs[r],
+                working[r],
+                frees[index],
+                *live,
+                tile,
+            )
+        steps.append(step)
+    weight_bytes = lay.table.weight_bytes
     return Plan(
         model_name=costs.model_name,
         input_shape=tuple(costs.input_shape),
@@ -734,16 +947,16 @@ def _materialize(
         status=status,
         exit_level=level,
         num_levels=costs.num_levels,
-        units=tuple(u.name for u in units),
+        units=tuple(names),
         buffers=buffers,
         steps=tuple(steps),
         arena_bytes=lay.arena_bytes,
         peak_bytes=lay.peak_bytes,
         lower_bound_bytes=lay.lower_bound_bytes,
-        naive_bytes=NaiveSlots().place(arena).extent_bytes + lay.max_ws_bytes,
-        streamed_bytes=sum(u.weight_bytes for k, u in enumerate(units) if k not in lay.pinned),
-        unpinned_streamed_bytes=sum(u.weight_bytes for u in units),
-        pinned_layers=tuple(units[k].name for k in sorted(lay.pinned)),
+        naive_bytes=int(lay.nbytes[~in_xla].sum()) + lay.max_ws_bytes,
+        streamed_bytes=sum(b for k, b in enumerate(weight_bytes) if k not in lay.pinned),
+        unpinned_streamed_bytes=sum(weight_bytes),
+        pinned_layers=tuple(names[k] for k in sorted(lay.pinned)),
         prefetch_depth=lay.depth,
         min_capacity_bytes=min_capacity,
         witness=witness,

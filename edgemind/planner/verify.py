@@ -22,6 +22,7 @@ that every buffer holds at least its unit's bytes.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Generator, Iterator
 
 from edgemind.errors import PlanError
@@ -63,21 +64,23 @@ def _structure(plan: Plan) -> Iterator[str]:
     if align < 1 or align & (align - 1):
         yield f"alignment_bytes {align} is not a power of two"
     last = len(plan.steps) - 1
+    roles = frozenset(ROLES)
     for index, b in enumerate(plan.buffers):
         if b.id != index:
             yield f"buffer #{index} has id {b.id}; ids must be positions"
-        if b.role not in ROLES:
+        if b.role not in roles:
             yield f"buffer {b.id} has unknown role {b.role!r}"
         if not 0 <= b.first_step <= b.last_step <= last:
             yield f"buffer {b.id} lives steps {b.first_step}..{b.last_step}, outside 0..{last}"
         if b.nbytes < 0:
             yield f"buffer {b.id} has negative size {b.nbytes}"
+    num_buffers = len(plan.buffers)
     for index, step in enumerate(plan.steps):
         if step.index != index:
             yield f"step #{index} has index {step.index}"
         refs = (step.weights, step.input, step.output, step.working_set, *step.loads, *step.frees)
         for ref in refs:
-            if ref is not None and not 0 <= ref < len(plan.buffers):
+            if ref is not None and not 0 <= ref < num_buffers:
                 yield f"step {index} refers to buffer {ref}, which does not exist"
 
 
@@ -108,56 +111,62 @@ def _arena(plan: Plan) -> Iterator[str]:
 
 def _overlaps(plan: Plan) -> Iterator[str]:
     """Sweep the steps, keeping live arena buffers sorted by offset; check neighbours."""
-    placed = [b for b in plan.buffers if b.offset_bytes is not None and b.nbytes > 0]
-    born = sorted(placed, key=lambda b: b.first_step)
-    dead = sorted(placed, key=lambda b: b.last_step)
+    # (first step, last step, offset, end, id) of every placed buffer with bytes
+    placed = [
+        (b.first_step, b.last_step, b.offset_bytes, b.offset_bytes + b.nbytes, b.id)
+        for b in plan.buffers
+        if b.offset_bytes is not None and b.nbytes > 0
+    ]
+    born = sorted(placed, key=operator.itemgetter(0))
+    dead = sorted(placed, key=operator.itemgetter(1))
+    dead.append((0, len(plan.steps), 0, 0, -1))  # a sentinel: never removed
     live: list[tuple[int, int, int]] = []  # (offset, end, id), disjoint while all is well
-    n_born = n_dead = 0
-    for step in range(len(plan.steps)):
-        while n_dead < len(dead) and dead[n_dead].last_step < step:
-            b = dead[n_dead]
-            live.remove((b.offset_bytes or 0, b.end_bytes, b.id))
+    n_dead = 0
+    for first, _, offset, end, bid in born:  # by birth step: steps with no births add none
+        while dead[n_dead][1] < first:
+            _, _, dead_offset, dead_end, dead_id = dead[n_dead]
+            live.remove((dead_offset, dead_end, dead_id))
             n_dead += 1
-        while n_born < len(born) and born[n_born].first_step == step:
-            b = born[n_born]
-            entry = (b.offset_bytes or 0, b.end_bytes, b.id)
-            at = bisect.bisect_left(live, entry)
-            for other in live[max(0, at - 1) : at + 1]:
-                if other[0] < entry[1] and entry[0] < other[1]:
-                    yield (
-                        f"buffers {other[2]} and {b.id} ({b.layer}) overlap at bytes "
-                        f"{max(other[0], entry[0])}..{min(other[1], entry[1])} "
-                        f"while both alive at step {step}"
-                    )
-            live.insert(at, entry)
-            n_born += 1
+        entry = (offset, end, bid)
+        at = bisect.bisect_left(live, entry)
+        for other in live[max(0, at - 1) : at + 1]:
+            if other[0] < end and offset < other[1]:
+                layer = plan.buffers[bid].layer
+                yield (
+                    f"buffers {other[2]} and {bid} ({layer}) overlap at bytes "
+                    f"{max(other[0], offset)}..{min(other[1], end)} "
+                    f"while both alive at step {first}"
+                )
+        live.insert(at, entry)
 
 
 def _live_bytes(plan: Plan) -> Iterator[str]:
     arena = [0] * (len(plan.steps) + 1)
     working = [0] * (len(plan.steps) + 1)
+    ending: list[list[int]] = [[] for _ in plan.steps]  # ids, in id order
     for b in plan.buffers:
         delta = working if b.offset_bytes is None else arena
         delta[b.first_step] += b.nbytes
         delta[b.last_step + 1] -= b.nbytes
-    ending: dict[int, set[int]] = {}
-    for b in plan.buffers:
-        ending.setdefault(b.last_step, set()).add(b.id)
+        ending[b.last_step].append(b.id)
     arena_live = working_live = 0
     largest = max_ws = 0
     for step in plan.steps:
         arena_live += arena[step.index]
         working_live += working[step.index]
-        largest = max(largest, arena_live + working_live)
-        max_ws = max(max_ws, working_live)
-        if (step.arena_live_bytes, step.working_set_bytes) != (arena_live, working_live):
+        if arena_live + working_live > largest:
+            largest = arena_live + working_live
+        if working_live > max_ws:
+            max_ws = working_live
+        if step.arena_live_bytes != arena_live or step.working_set_bytes != working_live:
             yield (
                 f"step {step.index} records {step.arena_live_bytes} arena + "
                 f"{step.working_set_bytes} working-set bytes; its buffers hold "
                 f"{arena_live} + {working_live}"
             )
-        frees = ending.get(step.index, set())
-        if set(step.frees) != frees:
+        frees = ending[step.index]
+        # the same ids in the same order is the common case; any order will do
+        if list(step.frees) != frees and set(step.frees) != set(frees):
             yield f"step {step.index} frees {sorted(step.frees)}, but {sorted(frees)} end there"
     if plan.peak_bytes != plan.arena_bytes + max_ws:
         yield (
@@ -183,11 +192,12 @@ def _runs(plan: Plan) -> Iterator[str]:
             if b.role not in ("weights", "prefetch") or not _alive(b, step.index):
                 yield f"step {step.index} loads buffer {ref} ({b.role}), not a live weights buffer"
     runs = [step for step in plan.steps if step.action == "run"]
-    units = [group[0].layer for group in _unit_runs(runs)]
+    groups = _unit_runs(runs)
+    units = [group[0].layer for group in groups]
     if tuple(units) != plan.units:
         yield f"the run steps run {units}, but the plan's units are {plan.units}"
     for previous, step in zip([None, *runs], runs, strict=False):
-        same_unit = previous is not None and _same_unit(previous, step)
+        same_unit = previous is not None and step.tile is not None and _same_unit(previous, step)
         if (
             same_unit
             and previous is not None
@@ -204,8 +214,9 @@ def _runs(plan: Plan) -> Iterator[str]:
                 f"run wrote {previous.output}"
             )
         yield from _run_buffers(plan, step.index, loaded_at, end, first_tile=not same_unit)
-    for group in _unit_runs(runs):
-        yield from _tile_cover(plan, group)
+    for group in groups:
+        if group[0].tile is not None:  # whole runs have nothing to cover
+            yield from _tile_cover(plan, group)
 
 
 def _same_unit(a: Step, b: Step) -> bool:
@@ -220,7 +231,7 @@ def _unit_runs(runs: list[Step]) -> list[list[Step]]:
     """Consecutive runs grouped by unit: one run, or a unit's tiles in order."""
     groups: list[list[Step]] = []
     for step in runs:
-        if groups and _same_unit(groups[-1][-1], step):
+        if groups and step.tile is not None and _same_unit(groups[-1][-1], step):
             groups[-1].append(step)
         else:
             groups.append([step])
@@ -274,7 +285,7 @@ def _run_buffers(
             yield f"{where} reads weights from buffer {w.id}, a {w.role} buffer"
         elif w.layer != step.layer:
             yield f"{where} reads buffer {w.id}, which holds the weights of {w.layer}"
-        elif not _alive(w, index):
+        elif not w.first_step <= index <= w.last_step:
             yield f"{where} reads weights buffer {w.id}, alive {w.first_step}..{w.last_step}"
         elif w.role == "pinned":
             if (w.first_step, w.last_step) != (0, end) or w.id in loaded_at:
@@ -289,7 +300,7 @@ def _run_buffers(
         if ref is None:
             continue
         b = plan.buffers[ref]
-        if b.role not in roles or not _alive(b, index):
+        if b.role not in roles or not b.first_step <= index <= b.last_step:
             yield f"{where}: its {name} buffer {ref} is a {b.role} buffer or not alive then"
         elif name == "output" and first_tile and b.first_step != index:
             yield f"{where}: its output buffer {ref} is born at step {b.first_step}, not here"
@@ -357,12 +368,13 @@ def _against_costs(plan: Plan, costs: CostTable) -> Iterator[str]:
     runs = [group[0] for group in groups]
     streamed = 0
     tile_ws = {(unit, rows): nbytes for unit, rows, nbytes in costs.tile_working_sets}
-    for unit, group in zip(units, groups, strict=True):
+    weights = [unit.weight_bytes for unit in units]
+    for unit, unit_weights, group in zip(units, weights, groups, strict=True):
         indices = [step.index for step in group]
-        streamed += yield from _unit_buffers(plan, unit, indices, tile_ws)
+        streamed += yield from _unit_buffers(plan, unit, unit_weights, indices, tile_ws)
     if streamed != plan.streamed_bytes:
         yield f"streamed_bytes {plan.streamed_bytes} != {streamed} read by unpinned runs"
-    if plan.unpinned_streamed_bytes != sum(u.weight_bytes for u in units):
+    if plan.unpinned_streamed_bytes != sum(weights):
         yield f"unpinned_streamed_bytes {plan.unpinned_streamed_bytes} != the units' weights"
     first = runs[0].input if runs else None
     if costs.input_bytes > 0 and (first is None or plan.buffers[first].nbytes < costs.input_bytes):
@@ -376,13 +388,17 @@ def _against_costs(plan: Plan, costs: CostTable) -> Iterator[str]:
 
 
 def _unit_buffers(
-    plan: Plan, unit: UnitCost, indices: list[int], tile_ws: dict[tuple[str, int], int]
+    plan: Plan,
+    unit: UnitCost,
+    weight_bytes: int,
+    indices: list[int],
+    tile_ws: dict[tuple[str, int], int],
 ) -> Generator[str, None, int]:
     """Check a unit's runs (one, or its tiles) against its costs; return the bytes read."""
     index = indices[0]
     step = plan.steps[index]
     streamed = 0
-    if unit.weight_bytes > 0:
+    if weight_bytes > 0:
         held: dict[str, int] = {}
         for i in indices:
             ref = plan.steps[i].weights
