@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgemind.dtypes import storage_type
-from edgemind.layers.quant import dequantize, dequantize_params_numpy, quant_matmul, storage_map
+from edgemind.layers.quant import dequantize, dequantize_params_numpy, storage_map, stored_matmul
 from edgemind.layers.registry import (
     STATE_PREFIX,
     Context,
@@ -84,11 +84,7 @@ def _rms_norm(x: jax.Array, w: Any, eps: float) -> jax.Array:
 
 def _linear(x: jax.Array, params: Params, name: str, storage: Mapping[str, str], out: int):
     """x (..., in) @ w.T for a weight stored dense or in blocks (dequantized in the jit)."""
-    w = params[name]
-    kind = storage.get(name, "float32")
-    if not storage_type(kind).quantized:
-        return x @ jnp.asarray(w, jnp.float32).T
-    return quant_matmul(x, kind, w, (out, x.shape[-1]))
+    return stored_matmul(x, storage.get(name, "float32"), params[name], (out, x.shape[-1]))
 
 
 def _inv_freq(head_dim: int, base: float) -> np.ndarray:

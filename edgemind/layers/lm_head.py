@@ -21,15 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgemind.dtypes import storage_type
-from edgemind.layers.quant import quant_matmul
+from edgemind.layers.quant import stored_matmul
 from edgemind.layers.registry import Context, LayerKind, Params, TileKind, register
 
 
 def _logits(w: Any, x: Any, storage: str, hidden: int) -> jax.Array:
     """x (..., hidden) @ w.T -> (..., rows of w), float32."""
-    if storage_type(storage).quantized:
-        return quant_matmul(x, storage, w, (w.shape[0], hidden))
-    return jnp.matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32).T)
+    return stored_matmul(x, storage, w, (w.shape[0], hidden))
 
 
 def lm_head_apply(

@@ -351,6 +351,15 @@ def _by_row_chunks(fn: RowsTimesX, out_features: int, rows: int, batch: jax.Arra
     return y
 
 
+def stored_matmul(x: Any, type_name: str, w: Any, shape: Sequence[int]) -> jax.Array:
+    """``x @ w.T`` in float32 for a weight of logical ``shape`` (out, in) as ``apply``
+    receives it: a dense array, or the raw ``uint8`` blocks of a quantized storage type
+    (then :func:`quant_matmul`)."""
+    if dtypes.storage_type(type_name).quantized:
+        return quant_matmul(x, type_name, w, shape)
+    return jnp.matmul(jnp.asarray(x, _F32), jnp.asarray(w, _F32).T)
+
+
 def storage_map(storage: Any) -> dict[str, str]:
     """A layer config's ``storage`` (tensor -> storage type) as a dict: configs arrive
     frozen, so a mapping may come as a tuple of (name, type) pairs."""
