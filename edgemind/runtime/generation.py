@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,54 @@ def _kept_layout(plan: Plan) -> tuple:
     )
 
 
+HOST_BYTES_PER_VOCAB = 12  # the sampler's row workspace, per vocabulary entry
+HOST_BYTES_PER_LOGIT = 8  # per logit of the batch: the step's output copy, the sampler's
+
+
+def host_bytes(batch: int, vocab: int) -> int:
+    """What a decode step holds outside the arena and XLA once its logits are out: the
+    executor's copy of the logits and the sampler's workspace. Measured with tracemalloc
+    (``Sampler.choose`` on 262,144 logits with every option on: 13.1 bytes per entry at
+    batch 1, 21.2 at batch 4, plus the 4-byte copy per logit); bounded here by
+    ``(12 + 8 x batch)`` bytes per vocabulary entry and counted in the session's peak.
+    """
+    return (HOST_BYTES_PER_VOCAB + HOST_BYTES_PER_LOGIT * batch) * vocab
+
+
+def session_bounds(plans: Sequence[Plan]) -> tuple[int, int]:
+    """(arena, peak) of plans that share one arena: the largest extent, and it plus the
+    largest working set (any plan's working set may come while the arena is whole)."""
+    arena = max(p.arena_bytes for p in plans)
+    return arena, arena + max(p.peak_bytes - p.arena_bytes for p in plans)
+
+
+_FIT_ROUNDS = 3
+
+
+def fit_session(
+    plan_at: Callable[[int, int], Plan], seqs: Sequence[int], capacity: int
+) -> list[Plan]:
+    """The plans (one per ``seq``, ``plan_at(seq, capacity)``) of a session whose shared
+    arena fits ``capacity``, when they can.
+
+    Each plan alone fills its capacity (pins, the largest tiles), so two of them in one
+    arena can exceed it: the arena of one beside the working set of the other. When
+    they do, each is planned again within the capacity less the amount by which the
+    largest working set exceeds its own, so that its arena plus that working set fits;
+    a few rounds, as a new tile size can change a working set.
+    """
+    plans = [plan_at(seq, capacity) for seq in seqs]
+    for _ in range(_FIT_ROUNDS):
+        if session_bounds(plans)[1] <= capacity or not all(p.complete for p in plans):
+            break
+        top = max(p.peak_bytes - p.arena_bytes for p in plans)
+        plans = [
+            plan_at(seq, max(1, capacity - (top - (p.peak_bytes - p.arena_bytes))))
+            for seq, p in zip(seqs, plans, strict=True)
+        ]
+    return plans
+
+
 class Session:
     """The prefill and decode plans of one generation shape, run in one arena.
 
@@ -200,18 +248,23 @@ class Session:
         self.runtime = runtime
         self.batch, self.context, self.chunk = batch, context, chunk
         dims = runtime.session_dims(context)
-        self.decode_plan: Plan = runtime.plan(batch=batch, seq=1, **dims)
-        self.prefill_plan: Plan = (
-            self.decode_plan if chunk == 1 else runtime.plan(batch=batch, seq=chunk, **dims)
+        seqs = (chunk, 1) if chunk > 1 else (1,)
+        capacity = runtime.policy.arena_capacity_bytes
+        self.host_bytes = host_bytes(batch, vocab_size(runtime.manifest))
+        plans = fit_session(
+            lambda seq, cap: runtime.plan_within(cap, batch=batch, seq=seq, **dims),
+            seqs,
+            capacity - self.host_bytes,
         )
-        plans = (self.prefill_plan, self.decode_plan)
-        self.arena_bytes = max(p.arena_bytes for p in plans)
-        self.peak_bytes = self.arena_bytes + max(p.peak_bytes - p.arena_bytes for p in plans)
-        self.capacity_bytes = self.decode_plan.capacity_bytes
+        self.prefill_plan: Plan = plans[0]
+        self.decode_plan: Plan = plans[-1]
+        self.arena_bytes, peak = session_bounds(plans)
+        self.peak_bytes = peak + self.host_bytes
+        self.capacity_bytes = capacity
         self.kv_bytes = sum(b.nbytes for b in self.decode_plan.buffers if b.role == "state")
         states = [
             [(b.layer, b.offset_bytes, b.nbytes) for b in p.buffers if b.role == "state"]
-            for p in plans
+            for p in (self.prefill_plan, self.decode_plan)
         ]
         if states[0] != states[1]:  # the planner places state first: cannot differ
             raise MemoryQuotaExceeded("the prefill and decode plans place the KV cache apart")
@@ -289,15 +342,17 @@ def largest_context(runtime: Any, batch: int, chunk: int, context: int) -> int:
     found to fit this way fits for real. Planning is pure and fast; nothing is compiled.
     """
     specs = {spec.name: spec for spec in runtime.manifest.layers}
-    tables = []
+    capacity = runtime.policy.arena_capacity_bytes
+    host = host_bytes(batch, vocab_size(runtime.manifest))
+    measured = {}
     for seq in dict.fromkeys((chunk, 1)):
         runtime.plan(batch=batch, seq=seq, **runtime.session_dims(context))  # measures tiles
-        tables.append(runtime.costs(batch=batch, seq=seq, **runtime.session_dims(context)))
+        measured[seq] = runtime.costs(batch=batch, seq=seq, **runtime.session_dims(context))
 
     def fits(candidate: int) -> bool:
         dims = {"batch": batch, **runtime.session_dims(candidate)}
-        plans = []
-        for costs in tables:
+        tables = {}
+        for seq, costs in measured.items():
             layers = tuple(
                 dataclasses.replace(
                     u, state_bytes=state_nbytes(get_kind(u.kind), dims, specs[u.name].config)
@@ -306,11 +361,13 @@ def largest_context(runtime: Any, batch: int, chunk: int, context: int) -> int:
                 else u
                 for u in costs.layers
             )
-            plans.append(make_plan(dataclasses.replace(costs, layers=layers), runtime.policy))
-        if not all(p.complete for p in plans):
-            return False
-        arena = max(p.arena_bytes for p in plans)
-        return arena + max(p.peak_bytes - p.arena_bytes for p in plans) <= plans[0].capacity_bytes
+            tables[seq] = dataclasses.replace(costs, layers=layers)
+
+        def plan_at(seq: int, cap: int) -> Plan:
+            return make_plan(tables[seq], runtime.policy.replace(arena_capacity_bytes=cap))
+
+        plans = fit_session(plan_at, tuple(measured), capacity - host)
+        return all(p.complete for p in plans) and session_bounds(plans)[1] <= capacity - host
 
     lo, hi = 0, (context - 1) // CONTEXT_STEP
     while lo < hi:

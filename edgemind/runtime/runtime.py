@@ -213,16 +213,33 @@ class Runtime:
             self._plans[key] = self._plan_with_measured_tiles(key, dims)
         return self._plans[key]
 
-    def _plan_with_measured_tiles(self, key: tuple, dims: dict[str, int]) -> Plan:
+    def plan_within(self, capacity_bytes: int, **dims: int) -> Plan:
+        """The plan for ``dims`` under this policy with a smaller capacity (a generation
+        session's plans share one arena: :func:`~edgemind.runtime.generation.fit_session`);
+        the policy's own capacity gives :meth:`plan`'s plan. Cached."""
+        if capacity_bytes == self.policy.arena_capacity_bytes:
+            return self.plan(**dims)
+        key = (("capacity", capacity_bytes), *sorted(dims.items()))
+        if key not in self._plans:
+            policy = self.policy.replace(arena_capacity_bytes=capacity_bytes)
+            self._plans[key] = self._plan_with_measured_tiles(
+                tuple(sorted(dims.items())), dims, policy
+            )
+        return self._plans[key]
+
+    def _plan_with_measured_tiles(
+        self, key: tuple, dims: dict[str, int], policy: Policy | None = None
+    ) -> Plan:
         """Plan; when the plan runs tiles whose working sets were estimated (their unit's
         whole working set), measure those tiles and plan again, until every tile it runs
         was measured (a new tile size can follow from the new figures: a few rounds)."""
+        policy = policy or self.policy
         digests = {
             "manifest_digest": self.manifest.digest(),
             "policy_digest": self.policy.digest(),
         }
         costs = self.costs(**dims)
-        plan = make_plan(costs, self.policy, **digests)
+        plan = make_plan(costs, policy, **digests)
         specs = {spec.name: spec for spec in all_layer_specs(self.manifest)}
         for _ in range(_TILE_ROUNDS):
             known = {(unit, rows) for unit, rows, _ in costs.tile_working_sets}
@@ -234,7 +251,7 @@ class Runtime:
                 costs, tile_working_sets=tuple(sorted({*costs.tile_working_sets, *measured}))
             )
             self._costs[key] = costs
-            plan = make_plan(costs, self.policy, **digests)
+            plan = make_plan(costs, policy, **digests)
         return plan
 
     def use_plan(self, plan: Plan, *, source: str = "the plan", **dims: int) -> None:
